@@ -1,0 +1,12 @@
+"""timm-energykd: energy-based knowledge distillation for timm.
+
+Importing the package registers its model architectures in timm's registry and its distillation losses
+in the loss registry, so `timm.create_model('cifar_resnet8x4')` and `create_distill_loss('energy_kd')`
+work after `import timm_energykd`.
+"""
+__version__ = '0.1.0'
+
+from .losses import (
+    DistillLoss, register_distill_loss, create_distill_loss, list_distill_losses, is_distill_loss,
+    kd_loss_per_sample,
+)
