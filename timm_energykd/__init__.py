@@ -10,3 +10,8 @@ from .losses import (
     DistillLoss, register_distill_loss, create_distill_loss, list_distill_losses, is_distill_loss,
     kd_loss_per_sample,
 )
+from .energy import (
+    energy_score, threshold_indices, EnergyThresholds, calibrate_thresholds, BatchQuantileThresholds,
+    RunningThresholds,
+)
+from .temperature import TwoBinTemperature, GradedTemperature, create_temperature_policy

@@ -1,0 +1,433 @@
+"""Energy score of a teacher's logits, energy thresholds, and their estimation.
+
+The energy of a sample (Kim et al., Eq. 4) is
+
+    E(x) = -T_E * logsumexp(f(x) / T_E)        T_E = 4 by default
+
+computed in float32 from the logits: ``torch.logsumexp`` is not on autocast's float32 list, so the cast is
+explicit. Low energy means a confident teacher.
+
+Threshold convention (paper Eq. 9/11), shared by every estimator here: with the N energies sorted
+ascending (0-based), ``low = E[floor(N*r)]`` and ``high = E[min(floor(N*(1-r)), N-1)]``; a sample is
+low-energy when ``E <= low`` and high-energy when ``E > high``; ``r`` is in (0, 0.5].
+
+Three ways to get thresholds:
+
+* ``calibrate_thresholds``: one no-grad teacher pass over a loader (the paper's and the authors' way),
+  gathered across ranks, cached as JSON by ``EnergyThresholds.save_json`` / ``load_json``.
+* ``BatchQuantileThresholds``: the same quantiles on each batch's energies (no calibration pass).
+* ``RunningThresholds``: an EMA of the per-batch quantiles, kept in buffers so it is checkpointed.
+"""
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = [
+    'energy_score', 'threshold_indices', 'quantile_index', 'EnergyThresholds', 'calibrate_thresholds',
+    'BatchQuantileThresholds', 'RunningThresholds', 'gather_variable_length',
+]
+
+_logger = logging.getLogger(__name__)
+
+_HIST_BINS = 50
+
+
+def energy_score(logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Energy ``-T_E * logsumexp(logits / T_E)`` over the last dim, in float32. Returns [B]."""
+    return -temperature * torch.logsumexp(logits.float() / temperature, dim=-1)
+
+
+def _check_rate(rate: float, name: str = 'rate') -> None:
+    if not (0.0 < float(rate) <= 0.5):
+        raise ValueError(f'{name}={rate} is out of range; expected 0 < {name} <= 0.5')
+
+
+def quantile_index(num_samples: int, fraction: float) -> int:
+    """0-based index ``min(floor(N * fraction), N - 1)`` into N ascending values.
+
+    A 1e-9 slack keeps decimal products exact (``floor(100 * 0.29)`` is 29, not 28 from ``28.999...``).
+    """
+    return min(int(math.floor(num_samples * fraction + 1e-9)), num_samples - 1)
+
+
+def threshold_indices(num_samples: int, rate: float) -> Tuple[int, int]:
+    """0-based (low, high) indices into N ascending energies: ``(floor(N*r), min(floor(N*(1-r)), N-1))``.
+
+    Example: N=10, r=0.2 -> (2, 8).
+    """
+    _check_rate(rate)
+    if num_samples < 1:
+        raise ValueError(f'num_samples={num_samples}; thresholds need at least one energy')
+    return quantile_index(num_samples, rate), quantile_index(num_samples, 1.0 - rate)
+
+
+def _bin_edge_indices(num_samples: int, num_bins: int) -> List[int]:
+    """Indices of the ``num_bins - 1`` interior edges at quantiles k/num_bins, same convention as thresholds."""
+    return [quantile_index(num_samples, k / num_bins) for k in range(1, num_bins)]
+
+
+@dataclass
+class EnergyThresholds:
+    """Energy thresholds computed over a calibration set, with diagnostics and cache identity.
+
+    Attributes:
+        low: Low-energy threshold; samples with ``E <= low`` are low-energy (confident).
+        high: High-energy threshold; samples with ``E > high`` are high-energy (uncertain).
+        rate: The fraction ``r`` used for both thresholds.
+        energy_temperature: ``T_E`` the energies were computed with.
+        num_samples: Number of energies the thresholds were computed from.
+        bin_edges: ``num_bins - 1`` ascending interior quantile edges, for graded temperatures.
+        histogram: ``{'counts': [...], 'edges': [...]}`` over the energies (50 bins), for plots.
+        bin_counts: ``{'low': n, 'mid': n, 'high': n}`` over the calibration set.
+        identity: What the thresholds were computed from (teacher, checkpoint sha256, dataset, split, N,
+            transform repr, r, T_E...); checked by ``load_json(expect_identity=...)``.
+    """
+    low: float
+    high: float
+    rate: float
+    energy_temperature: float = 4.0
+    num_samples: int = 0
+    bin_edges: List[float] = field(default_factory=list)
+    histogram: Dict[str, Any] = field(default_factory=dict)
+    bin_counts: Dict[str, int] = field(default_factory=dict)
+    identity: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.bin_edges) + 1
+
+    @classmethod
+    def from_energies(
+            cls,
+            energies: torch.Tensor,
+            rate: float,
+            energy_temperature: float = 4.0,
+            num_bins: int = 10,
+            identity: Optional[Dict[str, Any]] = None,
+    ) -> 'EnergyThresholds':
+        """Thresholds from a 1-D tensor of energies (any device), using the module's index convention."""
+        _check_rate(rate)
+        if num_bins < 2:
+            raise ValueError(f'num_bins={num_bins}; expected at least 2')
+        e = energies.detach().reshape(-1).double().cpu()
+        n = e.numel()
+        if n < 1:
+            raise ValueError('no energies to compute thresholds from (empty calibration set?)')
+        finite = torch.isfinite(e)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ValueError(
+                f'{bad} of {n} teacher energies are not finite (NaN/Inf teacher logits); check the teacher '
+                f'checkpoint and its input normalisation')
+        e_sorted, _ = torch.sort(e)
+        i_low, i_high = threshold_indices(n, rate)
+        low, high = float(e_sorted[i_low]), float(e_sorted[i_high])
+        edges = [float(e_sorted[i]) for i in _bin_edge_indices(n, num_bins)]
+        lo, hi = float(e_sorted[0]), float(e_sorted[-1])
+        if hi <= lo:
+            hi = lo + 1e-6  # all energies equal; histc needs a non-empty range
+        counts = torch.histc(e, bins=_HIST_BINS, min=lo, max=hi)
+        hist_edges = torch.linspace(lo, hi, _HIST_BINS + 1, dtype=torch.float64)
+        n_low = int((e <= low).sum())
+        n_high = int((e > high).sum())
+        identity = dict(identity or {})
+        return cls(
+            low=low,
+            high=high,
+            rate=float(rate),
+            energy_temperature=float(energy_temperature),
+            num_samples=n,
+            bin_edges=edges,
+            histogram={'counts': [int(c) for c in counts.tolist()], 'edges': hist_edges.tolist()},
+            bin_counts={'low': n_low, 'mid': n - n_low - n_high, 'high': n_high},
+            identity=identity,
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> 'EnergyThresholds':
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [k for k in ('low', 'high', 'rate') if k not in d]
+        if missing:
+            raise ValueError(f"energy thresholds dict is missing {', '.join(missing)}")
+        out = cls(**{k: v for k, v in d.items() if k in names})
+        out.low, out.high, out.rate = float(out.low), float(out.high), float(out.rate)
+        out.bin_edges = [float(v) for v in out.bin_edges]
+        return out
+
+    def save_json(self, path) -> None:
+        """Write as JSON atomically (temp file in the same folder, then ``os.replace``)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+        try:
+            with os.fdopen(fd, 'w') as f:
+                json.dump(self.to_dict(), f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load_json(cls, path, expect_identity: Optional[Dict[str, Any]] = None) -> 'EnergyThresholds':
+        """Read a JSON cache; refuse it when any ``expect_identity`` entry differs from what it was built from.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is not a valid thresholds cache, or an identity key differs.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'calibration cache {path} does not exist')
+        try:
+            with open(path) as f:
+                out = cls.from_dict(json.load(f))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f'calibration cache {path} is corrupt or not an energy thresholds file ({e})') from None
+        for key, want in (expect_identity or {}).items():
+            have = out.identity.get(key, '<missing>')
+            if _normalise(have) != _normalise(want):
+                raise ValueError(
+                    f'calibration cache {path} was computed for {key}={have}, this run has {want}; '
+                    f'delete it or point to another cache to recalibrate')
+        return out
+
+
+def _normalise(v: Any) -> Any:
+    # JSON turns tuples into lists and may print ints as floats; compare through a JSON round-trip
+    return json.loads(json.dumps(v, default=str))
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_variable_length(t: torch.Tensor) -> torch.Tensor:
+    """All-gather 1-D tensors of different lengths from every rank; returns their concatenation (rank order).
+
+    Sizes are gathered first, every rank pads to the largest, and the padding is trimmed after. Syncs the
+    host (it must know the sizes); meant for calibration, not for the training step.
+    """
+    if not _dist_ready():
+        return t
+    world = dist.get_world_size()
+    t = t.reshape(-1).contiguous()
+    size = torch.tensor([t.numel()], dtype=torch.long, device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    max_size = max(sizes)
+    padded = t.new_zeros(max_size)
+    padded[:t.numel()] = t
+    chunks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(chunks, padded)
+    return torch.cat([c[:n] for c, n in zip(chunks, sizes)])
+
+
+def calibrate_thresholds(
+        teacher_fn: Callable[[torch.Tensor], torch.Tensor],
+        loader: Iterable,
+        rate: float,
+        energy_temperature: float = 4.0,
+        num_bins: int = 10,
+        device: Optional[torch.device] = None,
+        identity: Optional[Dict[str, Any]] = None,
+        amp_dtype: Optional[torch.dtype] = None,
+        progress: bool = True,
+        log_interval: int = 50,
+) -> EnergyThresholds:
+    """One no-grad teacher pass over ``loader``; thresholds from all the energies.
+
+    Under ``torch.distributed`` every rank's energies are all-gathered (lengths may differ) and the
+    thresholds are computed on the concatenation, so every rank gets identical thresholds, equal to the
+    single-process value over the same samples. A ``DistributedSampler`` that pads the dataset to a
+    multiple of the world size repeats a few samples; that is the caller's choice of loader.
+
+    Args:
+        teacher_fn: ``teacher_fn(input) -> logits`` (e.g. ``task.teacher_logits``, which re-normalises).
+        loader: Yields ``(input, target)`` batches; targets are ignored.
+        rate: Threshold fraction r in (0, 0.5].
+        energy_temperature: T_E for the energy score.
+        num_bins: Number of quantile bins for graded temperatures (``num_bins - 1`` edges).
+        device: Where inputs are moved; default: leave them where the loader puts them.
+        identity: Stored in the result (``N`` is filled in with the gathered count).
+        amp_dtype: Run the teacher under ``torch.autocast`` with this dtype (energies stay float32).
+        progress: Log progress (count, img/s, ETA) on rank 0.
+        log_interval: Batches between progress lines.
+    """
+    _check_rate(rate)
+    if num_bins < 2:
+        raise ValueError(f'num_bins={num_bins}; expected at least 2')
+    rank0 = not _dist_ready() or dist.get_rank() == 0
+    try:
+        num_batches = len(loader)
+    except TypeError:
+        num_batches = None
+
+    energies = []
+    seen = 0
+    start = time.time()
+    with torch.no_grad():
+        for batch_idx, batch in enumerate(loader):
+            input = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if device is not None:
+                input = input.to(device, non_blocking=True)
+            if amp_dtype is not None:
+                with torch.autocast(device_type=input.device.type, dtype=amp_dtype):
+                    logits = teacher_fn(input)
+            else:
+                logits = teacher_fn(input)
+            energies.append(energy_score(logits, energy_temperature))
+            seen += input.shape[0]
+            last = num_batches is not None and batch_idx + 1 == num_batches
+            if progress and rank0 and log_interval > 0 and ((batch_idx + 1) % log_interval == 0 or last):
+                elapsed = max(time.time() - start, 1e-9)
+                rate_s = seen / elapsed
+                msg = f'Calibrating energy thresholds: batch {batch_idx + 1}'
+                if num_batches:
+                    eta = elapsed / (batch_idx + 1) * (num_batches - batch_idx - 1)
+                    msg += f'/{num_batches}, ETA {eta:.0f}s'
+                _logger.info(f'{msg}, {seen} images on this rank, {rate_s:.1f} img/s')
+
+    if energies:
+        local = torch.cat(energies)
+    else:
+        dev = device if device is not None else torch.device('cpu')
+        local = torch.zeros(0, dtype=torch.float32, device=dev)
+    all_energies = gather_variable_length(local)
+    identity = dict(identity or {})
+    identity['N'] = int(all_energies.numel())
+    out = EnergyThresholds.from_energies(
+        all_energies, rate, energy_temperature=energy_temperature, num_bins=num_bins, identity=identity)
+    if progress and rank0:
+        _logger.info(
+            f'Energy thresholds over {out.num_samples} samples: low={out.low:.4f} high={out.high:.4f} '
+            f'(r={rate}, T_E={energy_temperature}), counts {out.bin_counts}')
+    return out
+
+
+def _batch_quantiles(
+        energy: torch.Tensor,
+        rate: float,
+        num_bins: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(low, high, bin_edges) of one batch of energies; index positions are python ints -> no host sync."""
+    e_sorted, _ = torch.sort(energy.detach().float().reshape(-1))
+    n = e_sorted.numel()
+    i_low, i_high = threshold_indices(n, rate)
+    edge_idx = torch.tensor(_bin_edge_indices(n, num_bins), dtype=torch.long, device=e_sorted.device)
+    return e_sorted[i_low], e_sorted[i_high], e_sorted.index_select(0, edge_idx)
+
+
+def _gather_equal(energy: torch.Tensor) -> torch.Tensor:
+    """All-gather same-length energies from every rank (training batches; ``drop_last`` keeps sizes equal)."""
+    if not _dist_ready():
+        return energy
+    energy = energy.detach().float().reshape(-1).contiguous()
+    chunks = [torch.empty_like(energy) for _ in range(dist.get_world_size())]
+    dist.all_gather(chunks, energy)
+    return torch.cat(chunks)
+
+
+class BatchQuantileThresholds(nn.Module):
+    """Thresholds from the quantiles of the current batch's energies (no calibration pass).
+
+    ``forward(energy[B]) -> (low, high, bin_edges)`` as float32 tensors on the energy's device.
+
+    Args:
+        rate: Threshold fraction r in (0, 0.5].
+        num_bins: Quantile bins for graded temperatures (``num_bins - 1`` edges).
+        sync_distributed: All-gather the batch energies across ranks first (all ranks then share
+            thresholds; needs equal per-rank batch sizes). Default False: per-rank batch quantiles.
+    """
+
+    def __init__(self, rate: float = 0.2, num_bins: int = 10, sync_distributed: bool = False):
+        super().__init__()
+        _check_rate(rate)
+        if num_bins < 2:
+            raise ValueError(f'num_bins={num_bins}; expected at least 2')
+        self.rate = float(rate)
+        self.num_bins = int(num_bins)
+        self.sync_distributed = sync_distributed
+
+    def forward(self, energy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.sync_distributed:
+            energy = _gather_equal(energy)
+        return _batch_quantiles(energy, self.rate, self.num_bins)
+
+    def extra_repr(self) -> str:
+        return f'rate={self.rate}, num_bins={self.num_bins}'
+
+
+class RunningThresholds(nn.Module):
+    """Exponential moving average of per-batch quantile thresholds.
+
+    ``value = momentum * value + (1 - momentum) * batch_value``; the first batch initialises it. State is
+    in buffers (``low``, ``high``, ``bin_edges``, ``initialized``), so it is in ``state_dict`` and a resume
+    continues exactly. Updates only in training mode; in eval mode the stored values are returned (the
+    batch values until the first update). The update is branch-free (``torch.where``): no host sync.
+
+    Args:
+        rate: Threshold fraction r in (0, 0.5].
+        momentum: Weight of the running value, in [0, 1).
+        num_bins: Quantile bins for graded temperatures (``num_bins - 1`` edges).
+        sync_distributed: All-gather the batch energies across ranks when ``torch.distributed`` is
+            initialised, so every rank keeps the same running thresholds (needs equal per-rank batch sizes).
+    """
+
+    def __init__(self, rate: float = 0.2, momentum: float = 0.9, num_bins: int = 10, sync_distributed: bool = True):
+        super().__init__()
+        _check_rate(rate)
+        if not (0.0 <= momentum < 1.0):
+            raise ValueError(f'momentum={momentum} is out of range; expected 0 <= momentum < 1')
+        if num_bins < 2:
+            raise ValueError(f'num_bins={num_bins}; expected at least 2')
+        self.rate = float(rate)
+        self.momentum = float(momentum)
+        self.num_bins = int(num_bins)
+        self.sync_distributed = sync_distributed
+        self.register_buffer('low', torch.zeros(()))
+        self.register_buffer('high', torch.zeros(()))
+        self.register_buffer('bin_edges', torch.zeros(num_bins - 1))
+        self.register_buffer('initialized', torch.zeros((), dtype=torch.bool))
+
+    def forward(self, energy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.sync_distributed:
+            energy = _gather_equal(energy)
+        b_low, b_high, b_edges = _batch_quantiles(energy, self.rate, self.num_bins)
+        m = self.momentum
+        init = self.initialized
+        low = torch.where(init, m * self.low + (1 - m) * b_low, b_low)
+        high = torch.where(init, m * self.high + (1 - m) * b_high, b_high)
+        edges = torch.where(init, m * self.bin_edges + (1 - m) * b_edges, b_edges)
+        if self.training:
+            with torch.no_grad():
+                self.low.copy_(low)
+                self.high.copy_(high)
+                self.bin_edges.copy_(edges)
+                self.initialized.fill_(True)
+            return low, high, edges
+        return (
+            torch.where(init, self.low, b_low),
+            torch.where(init, self.high, b_high),
+            torch.where(init, self.bin_edges, b_edges),
+        )
+
+    def extra_repr(self) -> str:
+        return f'rate={self.rate}, momentum={self.momentum}, num_bins={self.num_bins}'
