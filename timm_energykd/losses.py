@@ -14,6 +14,10 @@ Losses that want the per-sample temperature of the energy policy set the class a
 ``uses_energy_temperature = True``; the distillation task then passes the policy's [B] temperatures,
 otherwise it passes the fixed base temperature.
 
+Losses may also define ``per_sample(student_logits, teacher_logits, target, temperature) -> [B]`` (all
+the built-in ones do); the task then masks samples with non-finite teacher logits out of the mean.
+Losses without it get those rows' teacher logits replaced by the detached student logits instead.
+
 New losses register by name:
 
     @register_distill_loss('my_kd')
@@ -30,7 +34,8 @@ import torch.nn.functional as F
 
 __all__ = [
     'DistillLoss', 'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'is_distill_loss',
-    'hard_target', 'as_sample_temperature', 'kd_loss_per_sample',
+    'hard_target', 'as_sample_temperature', 'kd_loss_per_sample', 'dkd_loss_per_sample',
+    'KDLoss', 'EnergyKDLoss', 'DKDLoss', 'EnergyDKDLoss',
 ]
 
 _DISTILL_LOSSES: Dict[str, Type[nn.Module]] = {}
@@ -118,3 +123,118 @@ def kd_loss_per_sample(
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
     return kl * t.squeeze(1) ** 2
+
+
+def _non_target_index(target_idx: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[B, C-1] indices of every class except the target, built arithmetically (gather, no boolean indexing,
+    so no host sync and no -inf masking whose 0 * inf would poison the gradients)."""
+    cols = torch.arange(num_classes - 1, device=target_idx.device).unsqueeze(0)
+    return cols + (cols >= target_idx.unsqueeze(1)).long()
+
+
+def dkd_loss_per_sample(
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        target_idx: torch.Tensor,
+        temperature: Union[float, torch.Tensor],
+        alpha: float = 1.0,
+        beta: float = 8.0,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022) per sample: ``(alpha * TCKD + beta * NCKD) * T^2``. Returns [B].
+
+    TCKD is the KL between the binary (target, non-target) distributions, NCKD the KL between the softmaxes
+    over the non-target classes; ``KL(p_t || p_s) = TCKD + (1 - p_t[target]) * NCKD``. Everything is in
+    log space in float32: ``log(1 - p)`` is ``logsumexp(non-target) - logsumexp(all)``, never the log of a
+    (possibly underflowed) probability, so two-class problems and huge logits stay finite.
+    """
+    num_classes = student_logits.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f'DKD needs at least 2 classes, got logits with {num_classes}')
+    t = as_sample_temperature(temperature, student_logits)
+    target_idx = target_idx.long()
+    zs = student_logits.float() / t
+    zt = teacher_logits.float() / t
+    tgt = target_idx.unsqueeze(1)
+    nt_idx = _non_target_index(target_idx, num_classes)
+    zs_nt, zt_nt = zs.gather(1, nt_idx), zt.gather(1, nt_idx)
+
+    lse_s, lse_t = torch.logsumexp(zs, dim=1), torch.logsumexp(zt, dim=1)
+    log_ps_gt = zs.gather(1, tgt).squeeze(1) - lse_s
+    log_pt_gt = zt.gather(1, tgt).squeeze(1) - lse_t
+    log_ps_nt = torch.logsumexp(zs_nt, dim=1) - lse_s  # log(1 - p_s[target])
+    log_pt_nt = torch.logsumexp(zt_nt, dim=1) - lse_t
+    tckd = log_pt_gt.exp() * (log_pt_gt - log_ps_gt) + log_pt_nt.exp() * (log_pt_nt - log_ps_nt)
+
+    log_qs = F.log_softmax(zs_nt, dim=1)
+    log_qt = F.log_softmax(zt_nt, dim=1)
+    nckd = (log_qt.exp() * (log_qt - log_qs)).sum(dim=1)
+    return (alpha * tckd + beta * nckd) * t.squeeze(1) ** 2
+
+
+@register_distill_loss('kd')
+class KDLoss(DistillLoss):
+    """Hinton KD: batch mean of ``KL(softmax(t/T) || softmax(s/T)) * T^2`` at the temperature the caller passes.
+
+    The task passes its fixed base temperature (``uses_energy_temperature = False``).
+    """
+
+    def per_sample(self, student_logits, teacher_logits, target, temperature) -> torch.Tensor:
+        return kd_loss_per_sample(student_logits, teacher_logits, temperature)
+
+    def forward(self, student_logits, teacher_logits, target, temperature):
+        return self.per_sample(student_logits, teacher_logits, target, temperature).mean()
+
+
+@register_distill_loss('energy_kd')
+class EnergyKDLoss(KDLoss):
+    """Energy KD (Kim et al.): Hinton KD with the energy policy's per-sample temperatures."""
+    uses_energy_temperature = True
+
+
+@register_distill_loss('dkd')
+class DKDLoss(DistillLoss):
+    """Decoupled KD with a linear warm-up, ``min(epoch / warmup_epochs, 1)`` times the DKD term.
+
+    Soft targets (mixup / label smoothing) use their arg-max as the target class. The warm-up factor
+    follows ``set_progress(epoch)`` (fractional epochs allowed); it is 0 until the first call.
+
+    Args:
+        alpha: TCKD weight.
+        beta: NCKD weight.
+        warmup_epochs: Epochs of linear warm-up (0 disables it).
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, warmup_epochs: float = 20):
+        super().__init__()
+        if warmup_epochs < 0:
+            raise ValueError(f'warmup_epochs={warmup_epochs}; expected >= 0')
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.warmup_epochs = float(warmup_epochs)
+        self.epoch = 0.0
+
+    def set_progress(self, epoch: float) -> None:
+        self.epoch = float(epoch)
+
+    @property
+    def warmup_factor(self) -> float:
+        if self.warmup_epochs <= 0:
+            return 1.0
+        return min(max(self.epoch, 0.0) / self.warmup_epochs, 1.0)
+
+    def per_sample(self, student_logits, teacher_logits, target, temperature) -> torch.Tensor:
+        loss = dkd_loss_per_sample(
+            student_logits, teacher_logits, hard_target(target), temperature, alpha=self.alpha, beta=self.beta)
+        return self.warmup_factor * loss
+
+    def forward(self, student_logits, teacher_logits, target, temperature):
+        return self.per_sample(student_logits, teacher_logits, target, temperature).mean()
+
+    def extra_repr(self) -> str:
+        return f'alpha={self.alpha}, beta={self.beta}, warmup_epochs={self.warmup_epochs}'
+
+
+@register_distill_loss('energy_dkd')
+class EnergyDKDLoss(DKDLoss):
+    """Energy DKD: DKD with the energy policy's per-sample temperatures."""
+    uses_energy_temperature = True
