@@ -15,3 +15,4 @@ from .energy import (
     RunningThresholds,
 )
 from .temperature import TwoBinTemperature, GradedTemperature, create_temperature_policy
+from .mixing import HighEnergyMix, MixResult
