@@ -16,3 +16,4 @@ from .energy import (
 )
 from .temperature import TwoBinTemperature, GradedTemperature, create_temperature_policy
 from .mixing import HighEnergyMix, MixResult
+from .task import EnergyDistillationTask
