@@ -54,3 +54,51 @@ def test_two_process_gloo_thresholds_identical(tmp_path):
     assert (got.low, got.high, got.bin_edges, got.num_samples) == (ref.low, ref.high, ref.bin_edges, 37)
     assert r0['run'] == r1['run']
     assert r0['run'] == pytest.approx((ref_run.low, ref_run.high), rel=1e-6)
+
+
+def _task_worker(rank, world, init_file, out_dir):
+    import numpy as np
+    import torch.nn as nn
+    from timm_energykd.mixing import HighEnergyMix
+    from timm_energykd.task import EnergyDistillationTask
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5))
+        m.pretrained_cfg = {'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25)}
+        return m
+
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    try:
+        task = EnergyDistillationTask(
+            tiny(0), tiny(1), distill_loss='energy_kd', threshold_mode='running', energy_rate=0.3,
+            he_da=HighEnergyMix('cutmix', generator=np.random.default_rng(rank)), verbose=False)
+        task.prepare_distributed()
+        task.train()
+        opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(100 + rank)  # different data per rank -> different HE-DA counts
+        for _ in range(2):
+            x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+            out = task(x, y)
+            opt.zero_grad()
+            out['loss'].backward()
+            opt.step()
+        est = task.threshold_estimator
+        torch.save({
+            'params': [p.detach().clone() for p in task.trainable_module.module.parameters()],
+            'running': (est.low.clone(), est.high.clone()),
+            'finite': bool(torch.isfinite(out['loss'])),
+        }, os.path.join(out_dir, f'task{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_task_with_he_da_stays_in_sync(tmp_path):
+    mp.spawn(_task_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f'task{r}.pt', weights_only=False) for r in range(2))
+    assert r0['finite'] and r1['finite']
+    for a, b in zip(r0['params'], r1['params']):
+        torch.testing.assert_close(a, b)  # DDP averaged the gradients despite different HE-DA batch sizes
+    assert torch.equal(r0['running'][0], r1['running'][0]) and torch.equal(r0['running'][1], r1['running'][1])

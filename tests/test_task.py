@@ -263,3 +263,41 @@ def test_tiny_timm_model_trains_loss_goes_down():
         opt.step()
         losses.append(float(o['loss'].detach()))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_loss_module_without_per_sample_and_nonfinite_rows():
+    class PlainKL(nn.Module):
+        uses_energy_temperature = True
+
+        def forward(self, s, t, target, temperature):
+            return kd_loss_per_sample(s, t, temperature).mean()
+
+    x, y = _batch(6)
+    task = _task(distill_loss=PlainKL(), threshold_mode='batch')
+    real = task.teacher.model.forward
+    task.teacher.model.forward = lambda inp: torch.cat([real(inp)[:5], torch.full((1, NUM_CLASSES), float('nan'))])
+    o = task(x, y)
+    o['loss'].backward()
+    assert float(o['teacher_nonfinite']) == 1.0 and torch.isfinite(o['loss'])
+    assert all(torch.isfinite(p.grad).all() for p in task.trainable_module.parameters())
+
+
+def test_soft_targets_with_he_da_and_dkd():
+    from timm.loss import SoftTargetCrossEntropy
+    x, y = _batch(8)
+    soft = torch.nn.functional.one_hot(y, NUM_CLASSES).float() * 0.9 + 0.1 / NUM_CLASSES
+    task = _task(distill_loss='energy_dkd', criterion=SoftTargetCrossEntropy(), threshold_mode='batch',
+                 he_da=HighEnergyMix('mixup', selection='topk', rate=0.5, generator=np.random.default_rng(0)))
+    task.set_progress(30)
+    o = task(x, soft)
+    o['loss'].backward()
+    assert torch.isfinite(o['loss']) and float(o['he_da_loss'].detach()) > 0
+
+
+def test_compile_eager_backend_keeps_forward():
+    x, y = _batch()
+    task = _task(distill_loss='kd')
+    before = task(x, y)['loss'].detach()
+    eval_model = task.compile(backend='eager')
+    assert task.get_eval_model() is eval_model
+    torch.testing.assert_close(task(x, y)['loss'].detach(), before)

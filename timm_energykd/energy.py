@@ -72,8 +72,17 @@ def threshold_indices(num_samples: int, rate: float) -> Tuple[int, int]:
 
 
 def _bin_edge_indices(num_samples: int, num_bins: int) -> List[int]:
-    """Indices of the ``num_bins - 1`` interior edges at quantiles k/num_bins, same convention as thresholds."""
-    return [quantile_index(num_samples, k / num_bins) for k in range(1, num_bins)]
+    """Indices ``min(floor(N * k / num_bins), N - 1)`` of the ``num_bins - 1`` interior quantile edges.
+
+    Integer arithmetic (exact), mirrored on-device by ``_bin_edge_index_tensor``.
+    """
+    return [min(num_samples * k // num_bins, num_samples - 1) for k in range(1, num_bins)]
+
+
+def _bin_edge_index_tensor(num_samples: int, num_bins: int, device) -> torch.Tensor:
+    # built on the device (no host->device copy, which would stall the stream in a training step)
+    k = torch.arange(1, num_bins, device=device)
+    return (k * num_samples // num_bins).clamp_(max=num_samples - 1)
 
 
 @dataclass
@@ -331,7 +340,7 @@ def _batch_quantiles(
     e_sorted, _ = torch.sort(energy.detach().float().reshape(-1))
     n = e_sorted.numel()
     i_low, i_high = threshold_indices(n, rate)
-    edge_idx = torch.tensor(_bin_edge_indices(n, num_bins), dtype=torch.long, device=e_sorted.device)
+    edge_idx = _bin_edge_index_tensor(n, num_bins, e_sorted.device)
     return e_sorted[i_low], e_sorted[i_high], e_sorted.index_select(0, edge_idx)
 
 
