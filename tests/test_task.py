@@ -301,3 +301,14 @@ def test_compile_eager_backend_keeps_forward():
     eval_model = task.compile(backend='eager')
     assert task.get_eval_model() is eval_model
     torch.testing.assert_close(task(x, y)['loss'].detach(), before)
+
+
+def test_he_da_output_rows_are_the_original_batch():
+    x, y = _batch(8)
+    task = _task(distill_loss='energy_kd', threshold_mode='batch',
+                 he_da=HighEnergyMix('cutmix', selection='topk', rate=0.5, generator=np.random.default_rng(0)))
+    task.trainable_module.eval()  # BatchNorm in eval: rows do not interact, so the first B rows must match
+    x_before = x.clone()
+    o = task(x, y)
+    assert torch.equal(x, x_before)
+    torch.testing.assert_close(o['output'], task.trainable_module(x))
