@@ -17,3 +17,4 @@ from .energy import (
 from .temperature import TwoBinTemperature, GradedTemperature, create_temperature_policy
 from .mixing import HighEnergyMix, MixResult
 from .task import EnergyDistillationTask
+from .losses import dkd_loss_per_sample, KDLoss, EnergyKDLoss, DKDLoss, EnergyDKDLoss
