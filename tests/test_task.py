@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import pytest
 import timm
@@ -11,7 +9,7 @@ from timm_energykd.energy import EnergyThresholds, calibrate_thresholds, energy_
 from timm_energykd.losses import kd_loss_per_sample
 from timm_energykd.mixing import HighEnergyMix
 from timm_energykd.task import EnergyDistillationTask
-from timm_energykd.temperature import GradedTemperature, TwoBinTemperature
+from timm_energykd.temperature import GradedTemperature
 
 NUM_CLASSES = 5
 
@@ -71,7 +69,8 @@ def test_weighting_matches_logit_distillation_task(dw, tw):
     assert (ours.distill_loss_weight, ours.task_loss_weight) == (ref.distill_loss_weight, ref.task_loss_weight)
     x, y = _batch()
     o = ours(x, y)
-    torch.testing.assert_close(o['loss'], ours.task_loss_weight * o['task_loss'] + ours.distill_loss_weight * o['kd_loss'])
+    expected = ours.task_loss_weight * o['task_loss'] + ours.distill_loss_weight * o['kd_loss']
+    torch.testing.assert_close(o['loss'], expected)
 
 
 def test_energy_kd_uses_per_sample_temperatures_against_reference():
@@ -215,7 +214,8 @@ def test_dataset_state_roundtrip_and_progress(tmp_path):
     assert task2.distill_loss.epoch == 7.5 and float(task2.he_da_high) == task.he_da_thresholds.high
     torch.testing.assert_close(task2(x, y)['loss'], task(x, y)['loss'])
     ckpt = task.get_checkpoint_state()
-    assert 'state_dict' in ckpt and 'task_state' in ckpt and not any(k.startswith('teacher') for k in ckpt['state_dict'])
+    assert 'state_dict' in ckpt and 'task_state' in ckpt
+    assert not any(k.startswith('teacher') for k in ckpt['state_dict'])  # student only
 
 
 def test_teacher_stays_in_eval_and_frozen():

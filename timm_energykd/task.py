@@ -152,7 +152,8 @@ class EnergyDistillationTask(TrainingTask):
         if isinstance(distill_loss, str):
             distill_loss = create_distill_loss(distill_loss, **(distill_loss_kwargs or {}))
         elif not isinstance(distill_loss, nn.Module):
-            raise ValueError(f'distill_loss must be a registered name or an nn.Module, got {type(distill_loss).__name__}')
+            raise ValueError(
+                f'distill_loss must be a registered name or an nn.Module, got {type(distill_loss).__name__}')
 
         teacher = _build_teacher(teacher_model, student_model, teacher_pretrained_path, self.device, self.dtype)
         for p in teacher.parameters():
@@ -217,8 +218,9 @@ class EnergyDistillationTask(TrainingTask):
             self.task_loss_weight = 1.0
 
         if self.verbose:
+            loss_name = getattr(distill_loss, 'loss_name', '') or type(distill_loss).__name__
             _logger.info(
-                f'EnergyDistillationTask: loss={getattr(distill_loss, "loss_name", "") or type(distill_loss).__name__}, '
+                f'EnergyDistillationTask: loss={loss_name}, '
                 f'T={self.temperature}, T_E={self.energy_temperature}, threshold_mode={threshold_mode}, '
                 f'r={energy_rate}, policy={self.temperature_policy}, task_weight={self.task_loss_weight}, '
                 f'distill_weight={self.distill_loss_weight}, he_da={he_da}')
@@ -346,6 +348,12 @@ class EnergyDistillationTask(TrainingTask):
             return low, high, edges, high
         return self.thr_low, self.thr_high, self.thr_edges, self.he_da_high
 
+    def _energy(self, teacher_logits: torch.Tensor):
+        """(valid [B] bool, energy [B] float32); rows with non-finite logits get the energy of zero logits."""
+        valid = torch.isfinite(teacher_logits).all(dim=-1)
+        clean = torch.where(valid.unsqueeze(1), teacher_logits.float(), torch.zeros((), device=teacher_logits.device))
+        return valid, energy_score(clean, self.energy_temperature)
+
     def _distill(self, student_logits, teacher_logits, valid, target, temperature) -> torch.Tensor:
         """Distillation loss with non-finite teacher rows masked out (mean over the valid rows)."""
         # replacing bad rows BEFORE the loss keeps NaN/Inf out of the graph (torch.where alone would still
@@ -369,9 +377,7 @@ class EnergyDistillationTask(TrainingTask):
         """
         b = input.shape[0]
         t_logits = self.teacher_logits(input)
-        valid = torch.isfinite(t_logits).all(dim=-1)
-        t_clean = torch.where(valid.unsqueeze(1), t_logits.float(), torch.zeros_like(t_logits, dtype=torch.float32))
-        energy = energy_score(t_clean, self.energy_temperature)
+        valid, energy = self._energy(t_logits)
         low, high, edges, he_high = self._thresholds(energy)
         temps = self.temperature_policy(energy, low, high, edges)
         kd_temperature = temps if self.uses_energy_temperature else self.temperature
@@ -393,14 +399,12 @@ class EnergyDistillationTask(TrainingTask):
         if mix is not None:
             if student_mixed is not None:
                 t_mix = self.teacher_logits(mix.mixed)
-                valid_mix = torch.isfinite(t_mix).all(dim=-1)
+                valid_mix, energy_mix = self._energy(t_mix)
                 nonfinite = nonfinite + (~valid_mix).sum().float()
                 if self.he_da_temperature is not None:
                     he_temperature = self.he_da_temperature
                 elif self.uses_energy_temperature:
-                    t_mix_clean = torch.where(valid_mix.unsqueeze(1), t_mix.float(), torch.zeros_like(t_mix, dtype=torch.float32))
-                    he_temperature = self.temperature_policy(
-                        energy_score(t_mix_clean, self.energy_temperature), low, high, edges)
+                    he_temperature = self.temperature_policy(energy_mix, low, high, edges)
                 else:
                     he_temperature = self.temperature
                 mixed_target = mix_targets(

@@ -37,7 +37,8 @@ def list_temperature_policies():
 def create_temperature_policy(name: str, **kwargs) -> nn.Module:
     """Build a temperature policy by name: ``'two_bin'`` or ``'gradation'``."""
     if name not in _POLICIES:
-        raise ValueError(f"unknown temperature policy '{name}'; expected one of: {', '.join(list_temperature_policies())}")
+        known = ', '.join(list_temperature_policies())
+        raise ValueError(f"unknown temperature policy '{name}'; expected one of: {known}")
     return _POLICIES[name](**kwargs)
 
 
