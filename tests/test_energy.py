@@ -124,3 +124,17 @@ def test_running_thresholds_ema_and_state():
     assert float(low2) == 7.0 and float(high2) == 13.0 and torch.equal(edges2, edges)
     with pytest.raises(ValueError, match='momentum'):
         RunningThresholds(0.2, momentum=1.0)
+
+
+def test_calibrate_amp_and_progress_log(caplog):
+    import logging
+    teacher = torch.nn.Linear(8, 5)
+    data = torch.randn(12, 8)
+    loader = [(data[i:i + 4], None) for i in range(0, 12, 4)]
+    with caplog.at_level(logging.INFO, logger='timm_energykd.energy'):
+        thr = calibrate_thresholds(teacher, loader, 0.25, amp_dtype=torch.bfloat16, log_interval=2)
+    assert math.isfinite(thr.low) and thr.low <= thr.high and thr.num_samples == 12
+    text = caplog.text
+    assert 'batch 2/3' in text and 'batch 3/3' in text and 'img/s' in text and 'ETA' in text
+    with pytest.raises(ValueError, match='rate'):
+        calibrate_thresholds(teacher, loader, 0.6)
