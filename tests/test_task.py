@@ -312,3 +312,14 @@ def test_he_da_output_rows_are_the_original_batch():
     o = task(x, y)
     assert torch.equal(x, x_before)
     torch.testing.assert_close(o['output'], task.trainable_module(x))
+
+
+def test_ema_checkpoint_state_includes_task_state():
+    task = _task(distill_loss='energy_kd', threshold_mode='running')
+    task.setup_ema(decay=0.9)
+    x, y = _batch()
+    task.train()
+    task(x, y)['loss'].backward()
+    task.update_ema()
+    ckpt = task.get_checkpoint_state(ema=True)
+    assert 'state_dict_ema' in ckpt and 'estimator' in ckpt['task_state_ema']

@@ -102,12 +102,13 @@ class EnergyDistillationTask(TrainingTask):
         running_momentum: EMA momentum for ``'running'``.
         he_da: ``HighEnergyMix`` or None (no HE-DA).
         he_da_weight: Weight of the HE-DA term.
-        he_da_temperature: Fixed temperature for the HE-DA term; None: the same rule as the main term.
         distill_loss_weight: Weight of the distillation term (see weighting above).
         task_loss_weight: Weight of the task loss (see weighting above).
         device: Device for task buffers.
         dtype: Dtype for task buffers.
         verbose: Log the configuration.
+        he_da_temperature: Fixed temperature for the HE-DA term (the authors' code used 4.0); None: the
+            same rule as the main term (policy temperatures for energy losses, ``temperature`` otherwise).
     """
 
     def __init__(
@@ -127,12 +128,12 @@ class EnergyDistillationTask(TrainingTask):
             running_momentum: float = 0.9,
             he_da: Optional[HighEnergyMix] = None,
             he_da_weight: float = 1.0,
-            he_da_temperature: Optional[float] = None,
             distill_loss_weight: Optional[float] = None,
             task_loss_weight: Optional[float] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            he_da_temperature: Optional[float] = None,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         # validate cheap arguments before building the teacher
