@@ -1,1 +1,2 @@
 from .cifar_resnet import CifarResNet
+from .cifar_wrn import CifarWideResNet
