@@ -1,2 +1,3 @@
 from .cifar_resnet import CifarResNet
 from .cifar_wrn import CifarWideResNet
+from .cifar_vgg import CifarVGG
