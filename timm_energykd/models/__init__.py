@@ -1,4 +1,14 @@
-from .cifar_resnet import CifarResNet
-from .cifar_wrn import CifarWideResNet
-from .cifar_vgg import CifarVGG
+"""Model zoo: the CIFAR architectures of the KD literature and ShuffleNetV2 for ImageNet.
+
+Importing this package registers every model in timm's registry (``timm.create_model('cifar_resnet8x4')``).
+``convert`` imports mdistiller / RepDistiller checkpoints into them.
+"""
 from .cifar_mobilenetv2 import CifarMobileNetV2
+from .cifar_resnet import CifarResNet
+from .cifar_shufflenet import CifarShuffleNetV1
+from .cifar_vgg import CifarVGG
+from .cifar_wrn import CifarWideResNet
+from .shufflenetv2 import ShuffleNetV2
+from .convert import (
+    MDISTILLER_NAMES, convert_mdistiller_checkpoint, remap_mdistiller_state_dict, load_mdistiller_state_dict,
+)
