@@ -9,6 +9,17 @@ from .cifar_shufflenet import CifarShuffleNetV1
 from .cifar_vgg import CifarVGG
 from .cifar_wrn import CifarWideResNet
 from .shufflenetv2 import ShuffleNetV2
-from .convert import (
-    MDISTILLER_NAMES, convert_mdistiller_checkpoint, remap_mdistiller_state_dict, load_mdistiller_state_dict,
+
+_CONVERT_API = (
+    'MDISTILLER_NAMES', 'convert_mdistiller_checkpoint', 'remap_mdistiller_state_dict',
+    'load_mdistiller_state_dict', 'save_safetensors',
 )
+
+
+def __getattr__(name):
+    # Imported lazily so that `python -m timm_energykd.models.convert` does not find the module already
+    # imported by its own package (runpy warns about that).
+    if name in _CONVERT_API:
+        from . import convert
+        return getattr(convert, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -99,7 +99,8 @@ def load_mdistiller_state_dict(path: str) -> Dict[str, torch.Tensor]:
         # weights_only: tensors and plain containers only, never arbitrary pickled objects.
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises many types for corrupt / unsafe files
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = reason if len(reason) <= 120 else reason[:117] + '...'
         raise ValueError(
             f'{path}: not a readable torch checkpoint with weights_only=True ({type(e).__name__}: {reason})'
         ) from None
