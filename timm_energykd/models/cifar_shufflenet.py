@@ -136,4 +136,5 @@ default_cfgs = generate_default_cfgs({'cifar_shufflenetv1': cifar_cfg(pool_size=
 def cifar_shufflenetv1(pretrained: bool = False, **kwargs) -> CifarShuffleNetV1:
     """ShuffleNetV1 (g=3, widths 240/480/960) for CIFAR (mdistiller ``ShuffleV1``)."""
     return build_model_with_cfg(
-        CifarShuffleNetV1, 'cifar_shufflenetv1', pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+        CifarShuffleNetV1, 'cifar_shufflenetv1', pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)

@@ -138,7 +138,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module = None) ->
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> CifarWideResNet:
     return build_model_with_cfg(
-        CifarWideResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+        CifarWideResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
