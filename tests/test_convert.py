@@ -4,6 +4,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import timm
 
@@ -115,6 +116,7 @@ SYNTHETIC = {
 
 
 def _random_state_dict(shapes, seed=0):
+    """Random weights with He-scaled convs and non-trivial BN, so activations neither vanish nor explode."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, shape in shapes.items():
@@ -122,6 +124,10 @@ def _random_state_dict(shapes, seed=0):
             out[k] = torch.tensor(100)
         elif k.endswith('running_var'):
             out[k] = torch.rand(shape, generator=g) + 0.5
+        elif len(shape) == 4:
+            out[k] = torch.randn(shape, generator=g) * (2. / (shape[1] * shape[2] * shape[3])) ** 0.5
+        elif len(shape) == 1 and k.endswith('.weight'):
+            out[k] = 1. + 0.2 * torch.randn(shape, generator=g)
         else:
             out[k] = torch.randn(shape, generator=g) * 0.1
     return out
@@ -154,6 +160,90 @@ def test_dataparallel_prefix_is_removed(tmp_path):
     path = tmp_path / 'dp.pth'
     torch.save({'model': {f'module.{k}': v for k, v in src.items()}}, path)
     convert_mdistiller_checkpoint(str(path), 'cifar_resnet8', num_classes=10)
+
+
+# ---- same logits as the original architecture, for families without a real checkpoint here ----
+# float64 functional forwards written from the published definitions, reading the checkpoint's own keys.
+
+def _bn_f(x, sd, p):
+    return F.batch_norm(x, sd[f'{p}.running_mean'], sd[f'{p}.running_var'], sd[f'{p}.weight'], sd[f'{p}.bias'],
+                        False, 0., 1e-5)
+
+
+def _shuffle_f(x, g):
+    b, c, h, w = x.shape
+    return x.reshape(b, g, c // g, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def _ref_vgg(sd, x, convs):
+    for s, n in enumerate(convs):
+        if 0 < s < 4:
+            x = F.max_pool2d(x, 2)
+        for k in range(n):
+            x = F.conv2d(x, sd[f'block{s}.{3 * k}.weight'], sd[f'block{s}.{3 * k}.bias'], padding=1)
+            x = F.relu(_bn_f(x, sd, f'block{s}.{3 * k + 1}'))
+    return F.linear(x.mean((2, 3)), sd['classifier.weight'], sd['classifier.bias'])
+
+
+def _ref_shufflev1(sd, x):
+    x = F.relu(_bn_f(F.conv2d(x, sd['conv1.weight']), sd, 'bn1'))
+    for s, n in zip((1, 2, 3), (4, 8, 4)):
+        for j in range(n):
+            p, stride = f'layer{s}.{j}', (2 if j == 0 else 1)
+            w1 = sd[f'{p}.conv1.weight']
+            g1 = x.shape[1] // w1.shape[1]
+            out = _shuffle_f(F.relu(_bn_f(F.conv2d(x, w1, groups=g1), sd, f'{p}.bn1')), g1)
+            mid = out.shape[1]
+            out = F.conv2d(out, sd[f'{p}.conv2.weight'], stride=stride, padding=1, groups=mid)
+            out = F.relu(_bn_f(out, sd, f'{p}.bn2'))
+            w3 = sd[f'{p}.conv3.weight']
+            out = _bn_f(F.conv2d(out, w3, groups=mid // w3.shape[1]), sd, f'{p}.bn3')
+            x = F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1) if stride == 2 else out + x)
+    return F.linear(x.mean((2, 3)), sd['linear.weight'], sd['linear.bias'])
+
+
+def _ref_shufflev2(sd, x):
+    x = F.relu(_bn_f(F.conv2d(x, sd['conv1.weight']), sd, 'bn1'))
+    for s, n in zip((1, 2, 3), (3, 7, 3)):
+        p, c = f'layer{s}.0', x.shape[1]
+        left = _bn_f(F.conv2d(x, sd[f'{p}.conv1.weight'], stride=2, padding=1, groups=c), sd, f'{p}.bn1')
+        left = F.relu(_bn_f(F.conv2d(left, sd[f'{p}.conv2.weight']), sd, f'{p}.bn2'))
+        right = F.relu(_bn_f(F.conv2d(x, sd[f'{p}.conv3.weight']), sd, f'{p}.bn3'))
+        mid = right.shape[1]
+        right = _bn_f(F.conv2d(right, sd[f'{p}.conv4.weight'], stride=2, padding=1, groups=mid), sd, f'{p}.bn4')
+        right = F.relu(_bn_f(F.conv2d(right, sd[f'{p}.conv5.weight']), sd, f'{p}.bn5'))
+        x = _shuffle_f(torch.cat([left, right], 1), 2)
+        for j in range(1, n + 1):
+            p, half = f'layer{s}.{j}', x.shape[1] // 2
+            x1, x2 = x[:, :half], x[:, half:]
+            out = F.relu(_bn_f(F.conv2d(x2, sd[f'{p}.conv1.weight']), sd, f'{p}.bn1'))
+            out = _bn_f(F.conv2d(out, sd[f'{p}.conv2.weight'], padding=1, groups=half), sd, f'{p}.bn2')
+            out = F.relu(_bn_f(F.conv2d(out, sd[f'{p}.conv3.weight']), sd, f'{p}.bn3'))
+            x = _shuffle_f(torch.cat([x1, out], 1), 2)
+    x = F.relu(_bn_f(F.conv2d(x, sd['conv2.weight']), sd, 'bn2'))
+    return F.linear(x.mean((2, 3)), sd['linear.weight'], sd['linear.bias'])
+
+
+REFERENCES = {
+    'cifar_vgg8': lambda sd, x: _ref_vgg(sd, x, (1, 1, 1, 1, 1)),
+    'cifar_vgg13': lambda sd, x: _ref_vgg(sd, x, (2, 2, 2, 2, 2)),
+    'cifar_shufflenetv1': _ref_shufflev1,
+    'cifar_shufflenetv2': _ref_shufflev2,
+}
+
+
+@pytest.mark.parametrize('name', sorted(REFERENCES))
+def test_imported_model_gives_the_reference_logits(name, tmp_path):
+    src = _random_state_dict(SYNTHETIC[name](10), seed=2)
+    path = tmp_path / 'ckpt.pth'
+    torch.save({'model': src}, path)
+    model = convert_mdistiller_checkpoint(str(path), name, num_classes=10).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    sd64 = {k: (v.double() if v.is_floating_point() else v) for k, v in src.items()}
+    with torch.no_grad():
+        ours, ref = model(x), REFERENCES[name](sd64, x)
+    assert ref.std() > 1e-3  # not a degenerate (constant) output
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
 
 
 # ---- errors: one line, naming the file ----
