@@ -344,6 +344,7 @@ def _cifar100_prefix(shared_data):
     return images, labels
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize('rel,name', REAL, ids=[r[0].replace('energykd_students/', '') for r in REAL])
 def test_real_checkpoint_reaches_cifar100_accuracy(shared_data, rel, name, tmp_path):
     path = shared_data / rel

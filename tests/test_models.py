@@ -200,3 +200,17 @@ def test_imagenet_shufflenetv2_matches_torchvision():
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_hub_style_round_trip_through_local_dir(tmp_path):
+    # save_for_hf writes config.json (architecture + pretrained_cfg) the way push_to_hf_hub does; loading it
+    # back needs the architecture in timm's registry, which importing timm_energykd provides.
+    from timm.models import save_for_hf
+    model = timm.create_model('cifar_wrn_16_1', num_classes=10).eval()
+    save_for_hf(model, str(tmp_path))
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert type(loaded) is type(model) and loaded.num_classes == 10
+    assert tuple(loaded.pretrained_cfg['mean']) == CIFAR_MEAN
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -7,7 +7,7 @@ seven inverted-residual stages (t, c, n, s) = (1,16,1,1), (6,24,2,1), (6,32,3,2)
 unlike the ImageNet MobileNetV2 every block, even with t = 1, has the 1x1 expansion conv.
 The total stride is 16, so a 32x32 image ends at 2x2.
 """
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn

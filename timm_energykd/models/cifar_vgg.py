@@ -6,9 +6,8 @@ VGG-16, (2,2,4,4,4) VGG-19. A 2x2 max-pool precedes stages 2, 3 and 4; on 32x32 
 no pool before stage 5 (the KD code adds it only for 64x64 inputs: ``pool_stage5=True``).
 Global average pooling and one linear layer (512 -> classes) follow, no fully connected stack.
 """
-from typing import Any, Dict, List, Sequence
-
 import re
+from typing import Any, Dict, Sequence
 
 import torch
 import torch.nn as nn

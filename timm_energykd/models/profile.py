@@ -39,7 +39,7 @@ def count_macs(model: nn.Module, input_size: Optional[Tuple[int, int, int]] = No
 
 def package_model_names() -> Sequence[str]:
     """Names this package registers in timm (CIFAR models and the ImageNet ShuffleNetV2s)."""
-    from . import convert  # noqa: F401  (registration happens on import of the family modules)
+    # Importing this module imported the package, whose family modules registered the models.
     return timm.list_models('cifar_*') + timm.list_models('shufflenetv2_x*')
 
 
