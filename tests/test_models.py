@@ -177,29 +177,33 @@ def test_macs_of_known_models():
     assert abs(count_macs(timm.create_model('cifar_resnet20')) - 40.8e6) < 0.1e6
 
 
-def test_imagenet_shufflenetv2_matches_torchvision():
-    """Same architecture as torchvision's ShuffleNetV2 (public API): copy weights by order, compare logits."""
+def test_imagenet_shufflenetv2_matches_torchvision(tmp_path):
+    """Same architecture as torchvision's ShuffleNetV2 (public API): its state dict loads through our key
+    mapping, strictly, and gives the same logits."""
     tv_models = pytest.importorskip('torchvision.models')
+    from timm_energykd.models.shufflenetv2 import checkpoint_filter_fn
     torch.manual_seed(0)
-    ours = timm.create_model('shufflenetv2_x0_5').eval()
     ref = tv_models.shufflenet_v2_x0_5().eval()
-    # Give BN non-trivial statistics so a mis-ordered copy cannot pass.
+    # Give BN non-trivial statistics so a mis-mapped copy cannot pass.
     for m in ref.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.1, 0.1)
-    src, dst = ref.state_dict(), ours.state_dict()
-    assert len(src) == len(dst)
-    new = {}
-    for (k_dst, v_dst), (k_src, v_src) in zip(dst.items(), src.items()):
-        assert v_dst.shape == v_src.shape, (k_dst, k_src)
-        new[k_dst] = v_src
-    ours.load_state_dict(new, strict=True)
+    ours = timm.create_model('shufflenetv2_x0_5').eval()
+    ours.load_state_dict(checkpoint_filter_fn(ref.state_dict()), strict=True)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+        expected = ref(x)
+        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-5)
+    # and through timm's own pretrained path, from a torchvision-format file
+    path = tmp_path / 'tv.pth'
+    torch.save(ref.state_dict(), path)
+    loaded = timm.create_model('shufflenetv2_x0_5', pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_hub_style_round_trip_through_local_dir(tmp_path):

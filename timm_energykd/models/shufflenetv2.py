@@ -13,7 +13,10 @@ a 1x1 conv, global average pooling and one linear layer.
   1024-channel last conv (2048 for x2.0).
 * CIFAR (KD literature): 1x1 stride-1 stem conv (24 ch) without max-pool, x1.0 widths, 1024-channel
   last conv; a 32x32 image ends at 4x4.
+The ImageNet models compute exactly what torchvision's ``shufflenet_v2_x*`` compute, and their state
+dicts load through ``checkpoint_filter_fn`` (e.g. ``pretrained_cfg_overlay=dict(file=<torchvision .pth>)``).
 """
+import re
 from typing import Any, Dict, List, Sequence
 
 import torch
@@ -164,10 +167,33 @@ class ShuffleNetV2(ClassifierMixin, nn.Module):
 # mdistiller / RepDistiller `ShuffleNetv2.py` names -> ours (only the classifier differs).
 MDISTILLER_RULES: List = [(r'^module\.', ''), (r'^linear\.', 'fc.')]
 
+# torchvision `shufflenet_v2_x*` names -> ours (same architecture, ImageNet weights). Its down-sampling
+# units hold branch1 = our left branch and branch2 = our right branch; its stride-1 units only branch2.
+_TV_SEQ = {
+    'branch1': {0: 'conv1', 1: 'bn1', 2: 'conv2', 3: 'bn2'},
+    'down_branch2': {0: 'conv3', 1: 'bn3', 3: 'conv4', 4: 'bn4', 5: 'conv5', 6: 'bn5'},
+    'branch2': {0: 'conv1', 1: 'bn1', 3: 'conv2', 4: 'bn2', 5: 'conv3', 6: 'bn3'},
+}
+
+
+def _map_torchvision_key(key: str) -> str:
+    m = re.match(r'^stage(\d)\.(\d+)\.(branch[12])\.(\d+)\.(.*)$', key)
+    if m is not None:
+        stage, unit, branch, idx, rest = int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        table = _TV_SEQ['down_branch2' if branch == 'branch2' and unit == 0 else branch]
+        return f'layer{stage - 1}.{unit}.{table[idx]}.{rest}'
+    for src, dst in (('conv1.0.', 'conv1.'), ('conv1.1.', 'bn1.'), ('conv5.0.', 'conv2.'), ('conv5.1.', 'bn2.')):
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return key
+
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module = None) -> Dict[str, Any]:
-    """Map an mdistiller / RepDistiller ``ShuffleV2`` state dict to this module's names."""
-    return rename_keys(state_dict, MDISTILLER_RULES)
+    """Map an mdistiller / RepDistiller ``ShuffleV2`` or a torchvision ``shufflenet_v2_x*`` state dict to ours."""
+    state_dict = rename_keys(state_dict, MDISTILLER_RULES)
+    if any(k.startswith('stage2.') for k in state_dict):
+        state_dict = {_map_torchvision_key(k): v for k, v in state_dict.items()}
+    return state_dict
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> ShuffleNetV2:
