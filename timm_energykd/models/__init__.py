@@ -10,6 +10,12 @@ from .cifar_vgg import CifarVGG
 from .cifar_wrn import CifarWideResNet
 from .shufflenetv2 import ShuffleNetV2
 
+__all__ = [
+    'CifarMobileNetV2', 'CifarResNet', 'CifarShuffleNetV1', 'CifarVGG', 'CifarWideResNet', 'ShuffleNetV2',
+    'MDISTILLER_NAMES', 'convert_mdistiller_checkpoint', 'remap_mdistiller_state_dict',
+    'load_mdistiller_state_dict', 'save_safetensors',
+]
+
 _CONVERT_API = (
     'MDISTILLER_NAMES', 'convert_mdistiller_checkpoint', 'remap_mdistiller_state_dict',
     'load_mdistiller_state_dict', 'save_safetensors',
