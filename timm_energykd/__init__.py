@@ -18,3 +18,4 @@ from .temperature import TwoBinTemperature, GradedTemperature, create_temperatur
 from .mixing import HighEnergyMix, MixResult
 from .task import EnergyDistillationTask
 from .losses import dkd_loss_per_sample, KDLoss, EnergyKDLoss, DKDLoss, EnergyDKDLoss
+from . import models

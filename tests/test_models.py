@@ -1,0 +1,221 @@
+"""The model zoo: registration, timm model API, parameter counts, feature extraction."""
+import pytest
+import torch
+import torch.nn as nn
+
+import timm
+
+import timm_energykd  # noqa: F401  (registers the models)
+from timm_energykd.models import CifarResNet, ShuffleNetV2
+from timm_energykd.models.profile import count_macs, count_params, package_model_names
+
+# Parameter counts for 100 classes (CIFAR) / 1000 classes (ImageNet), computed by these modules and checked
+# against the literature: CRD / mdistiller tables (ResNet8x4 1.23M, ResNet32x4 7.43M, WRN-40-2 2.26M,
+# WRN-16-2 0.70M, ResNet56 0.86M, ResNet20 0.28M, VGG13 9.46M, VGG8 3.97M, MobileNetV2 0.81M,
+# ShuffleNetV1 0.95M, ShuffleNetV2 1.36M) and torchvision's ShuffleNetV2 (exactly equal, see below).
+EXPECTED_PARAMS = {
+    'cifar_resnet8': 83_892,
+    'cifar_resnet14': 181_108,
+    'cifar_resnet20': 278_324,
+    'cifar_resnet32': 472_756,
+    'cifar_resnet44': 667_188,
+    'cifar_resnet56': 861_620,
+    'cifar_resnet110': 1_736_564,
+    'cifar_resnet8x4': 1_233_540,
+    'cifar_resnet32x4': 7_433_860,
+    'cifar_wrn_16_1': 180_916,
+    'cifar_wrn_16_2': 703_284,
+    'cifar_wrn_40_1': 569_780,
+    'cifar_wrn_40_2': 2_255_156,
+    'cifar_vgg8': 3_965_028,
+    'cifar_vgg11': 9_277_284,
+    'cifar_vgg13': 9_462_180,
+    'cifar_vgg16': 14_774_436,
+    'cifar_vgg19': 20_086_692,
+    'cifar_mobilenetv2': 812_836,
+    'cifar_shufflenetv1': 949_258,
+    'cifar_shufflenetv2': 1_355_528,
+    'shufflenetv2_x0_5': 1_366_792,
+    'shufflenetv2_x1_0': 2_278_604,
+    'shufflenetv2_x1_5': 3_503_624,
+    'shufflenetv2_x2_0': 7_393_996,
+}
+
+# Published values (millions, 100 classes) the counts above must round to.
+PUBLISHED_M = {
+    'cifar_resnet8x4': 1.23, 'cifar_resnet32x4': 7.43, 'cifar_wrn_40_2': 2.26, 'cifar_wrn_16_2': 0.70,
+    'cifar_resnet56': 0.86, 'cifar_resnet20': 0.28, 'cifar_vgg13': 9.46, 'cifar_vgg8': 3.97,
+    'cifar_mobilenetv2': 0.81, 'cifar_shufflenetv1': 0.95, 'cifar_shufflenetv2': 1.36,
+}
+
+CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR_STD = (0.2675, 0.2565, 0.2761)
+NAMES = package_model_names()
+CIFAR_NAMES = [n for n in NAMES if n.startswith('cifar_')]
+
+
+def _input(name, batch=2):
+    # ImageNet models at their real size but batch 1 (small spatial sizes hit slow CPU depthwise kernels).
+    if name.startswith('shufflenetv2_'):
+        return torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_registry_lists_every_model_without_clashing_with_timm():
+    assert sorted(NAMES) == sorted(EXPECTED_PARAMS)
+    assert set(timm.list_models('*shufflenet*')) >= {'cifar_shufflenetv1', 'cifar_shufflenetv2', 'shufflenetv2_x1_0'}
+    for name in NAMES:
+        # Our entrypoint, not a timm built-in that we overwrote.
+        assert timm.models.model_entrypoint(name).__module__.startswith('timm_energykd.models'), name
+
+
+def test_published_parameter_counts():
+    for name, published in PUBLISHED_M.items():
+        assert round(EXPECTED_PARAMS[name] / 1e6, 2) == published, name
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_build_forward_backward_and_param_count(name):
+    model = timm.create_model(name)
+    assert count_params(model) == EXPECTED_PARAMS[name]
+    assert model.num_classes == (100 if name.startswith('cifar_') else 1000)
+    x = _input(name)
+    out = model(x)
+    assert out.shape == (x.shape[0], model.num_classes)
+    out.logsumexp(dim=1).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_timm_model_api(name):
+    model = timm.create_model(name, num_classes=10).eval()
+    cfg = model.pretrained_cfg
+    if name.startswith('cifar_'):
+        assert cfg['input_size'] == (3, 32, 32)
+        assert tuple(cfg['mean']) == CIFAR_MEAN and tuple(cfg['std']) == CIFAR_STD
+    else:
+        assert cfg['input_size'] == (3, 224, 224)
+    assert cfg['classifier'] == 'fc' and model.get_classifier() is model.fc
+    assert dict(model.named_modules())[cfg['first_conv']].in_channels == 3
+
+    x = _input(name)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.ndim == 4 and feats.shape[:2] == (x.shape[0], model.num_features)
+        if name.startswith('cifar_'):
+            assert tuple(feats.shape[2:]) == cfg['pool_size']
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (x.shape[0], model.num_features)
+        logits = model.forward_head(feats)
+        assert logits.shape == (x.shape[0], 10)
+        assert torch.allclose(logits, model(x), atol=1e-5)
+        assert torch.allclose(model.fc(pre), logits, atol=1e-5)
+
+        # (the head alone is enough here: the features do not depend on the classifier)
+        model.reset_classifier(7)
+        assert model.num_classes == 7 and model.forward_head(feats).shape == (x.shape[0], 7)
+        model.reset_classifier(0)
+        assert model.forward_head(feats).shape == (x.shape[0], model.num_features)
+        assert isinstance(model.get_classifier(), nn.Identity)
+
+
+def test_pretrained_without_weights_raises_timms_error():
+    with pytest.raises(RuntimeError, match='No pretrained weights'):
+        timm.create_model('cifar_resnet8x4', pretrained=True)
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet8x4', 'cifar_wrn_16_2', 'cifar_vgg8', 'cifar_mobilenetv2',
+                                  'cifar_shufflenetv1', 'cifar_shufflenetv2', 'shufflenetv2_x0_5'])
+def test_features_only_matches_feature_info(name):
+    model = timm.create_model(name).eval()
+    fmodel = timm.create_model(name, features_only=True).eval()
+    x = _input(name, batch=1)
+    with torch.no_grad():
+        outs = fmodel(x)
+    info = model.feature_info
+    assert len(outs) == len(info)
+    for out, i in zip(outs, info):
+        assert out.shape[1] == i['num_chs']
+        assert x.shape[-1] // out.shape[-1] == i['reduction']
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model('cifar_resnet14', num_classes=10)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    model(x).sum().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # BN running stats changed in the first pass; gradients do not depend on them in train mode.
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for g, r in zip((p.grad for p in model.parameters()), ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_group_matcher_covers_all_parameters():
+    from timm.models import group_parameters
+    for name in ['cifar_resnet20', 'cifar_wrn_16_2', 'cifar_vgg8', 'cifar_mobilenetv2', 'cifar_shufflenetv2']:
+        model = timm.create_model(name)
+        groups = group_parameters(model, model.group_matcher())
+        assert sum(len(v) for v in groups.values()) == len(list(model.parameters())), name
+
+
+def test_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match='depth'):
+        CifarResNet(depth=9)
+    with pytest.raises(ValueError, match='stem'):
+        ShuffleNetV2(stem='tiny')
+
+
+def test_macs_of_known_models():
+    # ShuffleNetV2 paper: 41 / 146 / 299 / 591 MFLOPs (multiply-adds, its counting convention may add a few
+    # percent: shortcut adds, BN); ours counts conv + linear MACs only.
+    model = timm.create_model('shufflenetv2_x1_0')
+    assert 140e6 < count_macs(model) < 150e6
+    # A plain CIFAR ResNet-20: the 18 3x3 convs + stem + shortcuts + fc, ~40.8M MACs (He et al.: 41M FLOPs).
+    assert abs(count_macs(timm.create_model('cifar_resnet20')) - 40.8e6) < 0.1e6
+
+
+def test_imagenet_shufflenetv2_matches_torchvision(tmp_path):
+    """Same architecture as torchvision's ShuffleNetV2 (public API): its state dict loads through our key
+    mapping, strictly, and gives the same logits."""
+    tv_models = pytest.importorskip('torchvision.models')
+    from timm_energykd.models.shufflenetv2 import checkpoint_filter_fn
+    torch.manual_seed(0)
+    ref = tv_models.shufflenet_v2_x0_5().eval()
+    # Give BN non-trivial statistics so a mis-mapped copy cannot pass.
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    ours = timm.create_model('shufflenetv2_x0_5').eval()
+    ours.load_state_dict(checkpoint_filter_fn(ref.state_dict()), strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = ref(x)
+        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-5)
+    # and through timm's own pretrained path, from a torchvision-format file
+    path = tmp_path / 'tv.pth'
+    torch.save(ref.state_dict(), path)
+    loaded = timm.create_model('shufflenetv2_x0_5', pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hub_style_round_trip_through_local_dir(tmp_path):
+    # save_for_hf writes config.json (architecture + pretrained_cfg) the way push_to_hf_hub does; loading it
+    # back needs the architecture in timm's registry, which importing timm_energykd provides.
+    from timm.models import save_for_hf
+    model = timm.create_model('cifar_wrn_16_1', num_classes=10).eval()
+    save_for_hf(model, str(tmp_path))
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert type(loaded) is type(model) and loaded.num_classes == 10
+    assert tuple(loaded.pretrained_cfg['mean']) == CIFAR_MEAN
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
