@@ -427,17 +427,19 @@ def _convert(action: argparse.Action, key: str, value: Any, path: str) -> Any:
         if isinstance(value, (list, tuple, dict)):
             raise ValueError(f'{where} expects a single value, got {value!r}')
         items = [value]
-    conv = action.type
+    conv = action.type or str  # argparse's type None means a string
     out = []
     for item in items:
-        if conv is not None:
-            if isinstance(item, bool) and conv in (int, float):
-                raise ValueError(f'{where} expects {conv.__name__}, got {item!r}')
-            try:
-                # YAML 1.1 reads 3e-4 as a string: convert numeric strings like the command line does.
-                item = conv(item) if not (conv is str and not isinstance(item, str)) else str(item)
-            except (TypeError, ValueError):
-                raise ValueError(f'{where} expects {conv.__name__}, got {item!r}') from None
+        bad = isinstance(item, bool) and conv is not str
+        bad = bad or (conv is int and isinstance(item, float) and not item.is_integer())
+        bad = bad or (conv is not str and not isinstance(item, (str, int, float)))
+        if bad:
+            raise ValueError(f'{where} expects {conv.__name__}, got {item!r}')
+        try:
+            # YAML 1.1 reads 3e-4 as a string: numeric strings are converted like command-line values.
+            item = conv(item)
+        except (TypeError, ValueError):
+            raise ValueError(f'{where} expects {conv.__name__}, got {item!r}') from None
         if action.choices is not None and item not in action.choices:
             raise ValueError(f"{where}: {item!r} is not one of {', '.join(map(str, action.choices))}")
         out.append(item)
