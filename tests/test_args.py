@@ -203,6 +203,8 @@ def test_validate_files(tmp_path, data_dir):
         A.validate_args(valid(data_dir, '--teacher-checkpoint', missing))
     with pytest.raises(FileNotFoundError, match='--resume: file not found'):
         A.validate_args(valid(data_dir, '--resume', missing))
+    with pytest.raises(ValueError, match='--resume auto .* not supported'):
+        A.validate_args(valid(data_dir, '--resume', 'auto'))
     with pytest.raises(FileNotFoundError, match='--initial-checkpoint: file not found'):
         A.validate_args(valid(data_dir, '--initial-checkpoint', missing))
     ckpt = tmp_path / 'teacher.pth'

@@ -667,7 +667,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if ckpt and not os.path.isfile(ckpt):
         raise FileNotFoundError(f'--teacher-checkpoint: file not found: {ckpt}')
     resume = g('resume', '')
-    if resume and resume != 'auto' and not os.path.isfile(resume):
+    if resume == 'auto' and not os.path.isfile(resume):
+        raise ValueError('--resume auto (timm 1.0.31) is not supported by train_energykd.py yet; give a checkpoint path')
+    if resume and not os.path.isfile(resume):
         raise FileNotFoundError(f'--resume: file not found: {resume}')
     init_ckpt = g('initial_checkpoint', '')
     if init_ckpt and not os.path.isfile(init_ckpt):
