@@ -249,9 +249,14 @@ def test_unsupported_timm_flags(data_dir, extra, flag):
         A.validate_args(valid(data_dir, *extra))
 
 
-def test_unsupported_flags_at_default_pass(data_dir):
+def test_unsupported_flags_at_default_pass(data_dir, tmp_path):
     # explicitly given with timm's default value is fine (e.g. from a timm args.yaml)
     A.validate_args(valid(data_dir, '--kd-distill-type', 'logit', '--kd-loss-type', 'kl', '--aug-splits', '0'))
+    # nulls in a YAML mean "not set"
+    cfg = _write_yaml(tmp_path / 'c.yaml', dict(split_bn=None, kd_distill_type=None, fuser=None, naflex_loader=None))
+    args = parse('--config', cfg, data_dir, '--teacher', 'resnet50')
+    assert args.split_bn is False and args.naflex_loader is False
+    A.validate_args(args)
 
 
 def test_distill_flags_without_teacher_warn(data_dir, caplog):

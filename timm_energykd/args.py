@@ -407,7 +407,8 @@ def _convert(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     """Check / convert one YAML value like the command line would; raises ValueError with one line."""
     where = f"--config {path}: key '{key}'"
     if value is None:
-        return None
+        # a null flag means "off", as on the command line
+        return False if isinstance(action, argparse._StoreTrueAction) else None
     if isinstance(action, ParseKwargs):
         if not isinstance(value, dict):
             raise ValueError(f'{where} expects a mapping, got {value!r}')
@@ -586,7 +587,7 @@ def validate_args(args: argparse.Namespace) -> None:
     timm_defaults = _timm_defaults()
     for dest, reason in UNSUPPORTED.items():
         value = g(dest, timm_defaults.get(dest))
-        if value != timm_defaults.get(dest):
+        if value is not None and value is not False and value != timm_defaults.get(dest):  # null / off: not set
             raise ValueError(f'{_flag(dest)} is not supported by train_energykd.py ({reason}), got {value!r}')
 
     teacher, kd_name = g('teacher'), g('kd_model_name')
