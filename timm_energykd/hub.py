@@ -618,7 +618,7 @@ def load_training_output(source: Union[str, Path], weights: str = 'auto'):
     state_dict = {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
     thresholds = _find_thresholds(ckpt.get('task_state'))
-    if thresholds and 'thresholds' not in run_info:
+    if thresholds:  # the values the run actually used win over anything in args.yaml
         run_info['thresholds'] = thresholds
     metrics = None
     evaluated_ema = has_ema  # timm's train.py reports the EMA's eval metrics when EMA is on
