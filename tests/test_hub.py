@@ -194,6 +194,18 @@ def test_export_replaces_earlier_export_and_refuses_other_folders(tmp_path):
     assert not (tmp_path / 'f').exists()
 
 
+def test_export_channels_last_model(tmp_path):
+    model = _train_tiny().to(memory_format=torch.channels_last)
+    out = export_for_hub(model, tmp_path / 'e', run_info={})
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with torch.no_grad():  # channels-last kernels round differently: same weights, close logits
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not model.conv1[0].weight.is_contiguous()  # the caller's model is left as it was
+
+
 def test_export_failure_leaves_no_half_folder(tmp_path, monkeypatch):
     model = _train_tiny()
 

@@ -18,6 +18,7 @@ Command line::
 See docs/HUB.md for the model-card keys and the trainer flags that call this module.
 """
 import argparse
+import copy
 import csv
 import json
 import logging
@@ -424,8 +425,11 @@ def export_for_hub(
     tmp = Path(tempfile.mkdtemp(prefix=f'.{output_dir.name}.tmp-', dir=output_dir.parent))
     try:
         model_config = {'label_names': label_names} if label_names else None
+        # safetensors refuses non-contiguous tensors (e.g. --channels-last weights) and wants host memory:
+        # export a contiguous CPU copy, leaving the caller's (maybe still training) model untouched.
+        export_model = copy.deepcopy(model)._apply(lambda t: t.detach().to('cpu').contiguous())
         # timm's own writer: safetensors only (safe_serialization=True never writes pytorch_model.bin)
-        save_for_hf(model, tmp, model_config=model_config, safe_serialization=True)
+        save_for_hf(export_model, tmp, model_config=model_config, safe_serialization=True)
         config = json.loads((tmp / CONFIG_NAME).read_text(encoding='utf-8'))
         config['num_classes'] = num_classes
         config['pretrained_cfg'] = _student_pretrained_cfg(
