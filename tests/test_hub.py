@@ -365,3 +365,10 @@ def test_cli_export_plain_weights_when_ema_evaluated_drops_metrics(tmp_path):
     card = (tmp_path / 'exp' / 'README.md').read_text()
     assert 'Not evaluated' in card
     assert hub.main(['export', str(tmp_path / 'nothing'), str(tmp_path / 'exp2')]) == 1
+
+
+def test_card_usage_imports_plugin_only_for_plugin_architectures():
+    assert not hub._needs_plugin('resnet18')
+    assert hub._needs_plugin('cifar_arch_not_registered_here')
+    card = hub.build_model_card({}, None, architecture='cifar_arch_not_registered_here', num_classes=10)
+    assert 'import timm_energykd' in card

@@ -647,9 +647,12 @@ def export_from_training_output(
     name = model_name or run_info.get('model')
     if not name:
         raise ValueError('no model name: args.yaml has no "model"; pass --model')
-    kwargs = {}
+    # the architecture-shaping arguments timm's train.py passes to create_model (dropout etc. don't matter)
+    kwargs = dict(run_info.get('model_kwargs') or {})
     if run_info.get('in_chans'):
         kwargs['in_chans'] = int(run_info['in_chans'])
+    if run_info.get('gp'):
+        kwargs['global_pool'] = run_info['gp']
     model = timm.create_model(name, pretrained=False, num_classes=run_info.get('num_classes') or 1000, **kwargs)
     if not run_info.get('num_classes'):
         # args.yaml without num_classes: size the head from the checkpoint's classifier
