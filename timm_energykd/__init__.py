@@ -10,3 +10,4 @@ from .losses import (
     DistillLoss, register_distill_loss, create_distill_loss, list_distill_losses, is_distill_loss,
     kd_loss_per_sample,
 )
+from . import peer_losses
