@@ -427,6 +427,8 @@ def test_blended_teacher_mixes_logits():
         expected = 0.7 * teacher(x) + 0.3 * blended.pruned_teacher(x)
         torch.testing.assert_close(blended(x), expected)
         assert not torch.allclose(blended(x), teacher(x))
+    blended.train()
+    assert not blended.teacher.training and not blended.pruned_teacher.training
     custom = BlendedTeacher(teacher, pruned_teacher=teacher, teacher_weight=0.2)
     with torch.no_grad():
         torch.testing.assert_close(custom(x), teacher(x))

@@ -343,7 +343,8 @@ class BlendedTeacher(nn.Module):
     """Teacher whose logits are ``teacher_weight * teacher(x) + (1 - teacher_weight) * pruned(x)`` (R2KD).
 
     Give it to the distillation task in place of the teacher. ``pretrained_cfg`` and ``num_classes`` are
-    copied from the teacher so normalisation and class-count checks see the same values.
+    copied from the teacher so normalisation and class-count checks see the same values. Both inner
+    models stay in eval mode whatever ``.train()`` is called with.
 
     Args:
         teacher: the trained teacher.
@@ -369,6 +370,14 @@ class BlendedTeacher(nn.Module):
         for name in ('pretrained_cfg', 'num_classes'):
             if hasattr(teacher, name):
                 setattr(self, name, getattr(teacher, name))
+
+    def train(self, mode: bool = True) -> 'BlendedTeacher':
+        # a teacher never trains: keep BatchNorm statistics frozen even when the task calls .train()
+        # (timm 1.0.29's LogitDistillationTask does not keep its teacher in eval itself)
+        self.training = mode
+        self.teacher.eval()
+        self.pruned_teacher.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.teacher_weight
