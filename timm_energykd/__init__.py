@@ -19,3 +19,4 @@ from .mixing import HighEnergyMix, MixResult
 from .task import EnergyDistillationTask
 from .losses import dkd_loss_per_sample, KDLoss, EnergyKDLoss, DKDLoss, EnergyDKDLoss
 from . import models
+from . import peer_losses
