@@ -10,3 +10,8 @@ from .losses import (
     DistillLoss, register_distill_loss, create_distill_loss, list_distill_losses, is_distill_loss,
     kd_loss_per_sample,
 )
+# trainer helper (issue 3)
+from .data import long_tailed_indices, TransformSubset, create_train_eval_datasets
+from .teacher import build_teacher
+from .io import write_atomic, save_checkpoint_atomic, load_checkpoint_file
+from .plots import plot_energy_histogram
