@@ -658,7 +658,8 @@ def _export_hub(args, task, output_dir, eval_metrics, thresholds, dataset_train)
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """CLI entry: parse (timm parity) -> validate -> train (or the offline demo). Returns the result dict."""
-    setup_default_logging()
+    if not logging.getLogger().handlers:  # the demo calls main() several times: configure logging once
+        setup_default_logging()
     args, args_text = parse_args(argv)
     if args.demo:
         from timm_energykd.demo import run_demo

@@ -80,7 +80,7 @@ def make_shapes_dataset(num_per_class: int, size: int = 32, num_classes: int = 1
         cx = rng.uniform(0.3, 0.7, (n, 1, 1)) * size
         cy = rng.uniform(0.3, 0.7, (n, 1, 1)) * size
         r = rng.uniform(0.18, 0.34, (n, 1, 1)) * size
-        freq = rng.uniform(0.9, 1.6, (n, 1, 1)) * (8.0 / size)
+        freq = rng.uniform(0.7, 1.1, (n, 1, 1)) * (32.0 / size)  # stripe period ~6-9 px at 32x32
         phase = rng.uniform(0, 2 * np.pi, (n, 1, 1))
         mask = _shape_mask(DEMO_CLASSES[c], x, y, cx, cy, r, freq, phase)[..., None]
         fg = rng.uniform(0.0, 1.0, (n, 1, 1, 3))
