@@ -20,3 +20,7 @@ from .task import EnergyDistillationTask
 from .losses import dkd_loss_per_sample, KDLoss, EnergyKDLoss, DKDLoss, EnergyDKDLoss
 from . import models
 from . import peer_losses
+from .data import long_tailed_indices, TransformSubset, create_train_eval_datasets
+from .teacher import build_teacher
+from .io import write_atomic, save_checkpoint_atomic, load_checkpoint_file
+from .plots import plot_energy_histogram

@@ -1,0 +1,131 @@
+"""End-to-end runs of train_energykd.main on CPU with a tiny generated ImageFolder (in-process, workers 0)."""
+import csv
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+
+import train_energykd
+from timm_energykd.args import parse_args, validate_args
+from timm_energykd.demo import make_demo_imagefolder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    # tiny models: one thread is fastest and immune to other processes on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp('e2e')
+    data = make_demo_imagefolder(root / 'data', train_per_class=8, val_per_class=4, size=32, num_classes=4)
+    out = root / 'out'
+    common = [str(data), '--img-size', '32', '--batch-size', '8', '--workers', '0', '--device', 'cpu',
+              '--output', str(out), '--log-interval', '1', '--warmup-epochs', '0', '--lr', '0.05']
+    teacher = train_energykd.main(common + ['--model', 'test_resnet', '--epochs', '1', '--experiment', 'teacher'])
+    ckpt = os.path.join(teacher['output_dir'], 'model_best.pth.tar')
+    distill = common + ['--model', 'test_resnet', '--teacher', 'test_resnet', '--teacher-checkpoint', ckpt,
+                        '--epochs', '1']
+    return dict(root=root, data=data, out=out, common=common, teacher=teacher, ckpt=ckpt, distill=distill)
+
+
+def _summary(run_dir):
+    with open(os.path.join(run_dir, 'summary.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+def test_teacher_run_outputs(runs):
+    d = runs['teacher']['output_dir']
+    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar'):
+        assert os.path.isfile(os.path.join(d, name)), name
+    rows = _summary(d)
+    assert len(rows) == 1 and 'eval_top1' in rows[0] and 'train_loss' in rows[0]
+    ckpt = torch.load(os.path.join(d, 'last.pth.tar'), weights_only=False)
+    assert ckpt['epoch'] == 0 and not any(k.startswith('module.') for k in ckpt['state_dict'])
+    assert not glob.glob(os.path.join(d, '*.tmp*'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('loss,extra', [
+    ('kd', []), ('energy_kd', []), ('dkd', ['--dkd-warmup', '1']), ('energy_dkd', []),
+    ('energy_kd', ['--he-da', 'cutmix', '--he-da-rate', '0.4']),
+])
+def test_distill_each_loss(runs, loss, extra):
+    exp = f'{loss}{"-heda" if extra and extra[0] == "--he-da" else ""}'
+    r = train_energykd.main(runs['distill'] + ['--distill-loss', loss, '--experiment', exp] + extra)
+    d = r['output_dir']
+    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'energy_thresholds.json'):
+        assert os.path.isfile(os.path.join(d, name)), name
+    row = _summary(d)[0]
+    for col in ('train_kd_loss', 'train_energy_mean', 'train_frac_low', 'train_frac_high', 'train_temp_mean'):
+        assert col in row and row[col] != '', col
+    if '--he-da' in extra:
+        assert 'train_he_da_loss' in row
+    ckpt = torch.load(os.path.join(d, 'last.pth.tar'), weights_only=False)
+    assert ckpt['task_state']['thresholds']['low'] == r['thresholds'].low
+
+
+@pytest.mark.slow
+def test_resume_continues_with_same_thresholds(runs):
+    first = train_energykd.main(runs['distill'] + ['--experiment', 'resume', '--epochs', '1'])
+    last = os.path.join(first['output_dir'], 'last.pth.tar')
+    second = train_energykd.main(runs['distill'] + ['--experiment', 'resume', '--epochs', '2', '--resume', last,
+                                                    '--calibration-cache', str(runs['root'] / 'nonexistent.json')])
+    assert second['output_dir'] == first['output_dir']
+    assert second['thresholds'].to_dict() == first['thresholds'].to_dict()
+    assert not os.path.exists(runs['root'] / 'nonexistent.json')  # no recalibration on resume
+    rows = _summary(first['output_dir'])
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    assert torch.load(last, weights_only=False)['epoch'] == 1
+
+
+def test_config_from_timm_style_args_yaml(runs):
+    cfg = os.path.join(runs['teacher']['output_dir'], 'args.yaml')
+    args, _ = parse_args(['--config', cfg, '--experiment', 'from-config'])
+    validate_args(args)
+    assert args.model == 'test_resnet' and args.img_size == 32 and args.batch_size == 8
+    # a plain timm train.py args.yaml subset is accepted too
+    timm_yaml = runs['root'] / 'timm_args.yaml'
+    timm_yaml.write_text(yaml.safe_dump(dict(model='resnet18', opt='sgd', lr=0.1, sched='step', epochs=3,
+                                             kd_model_name='resnet50', kd_temperature=3.0)))
+    args, _ = parse_args(['--config', str(timm_yaml), str(runs['data'])])
+    validate_args(args)
+    assert args.teacher == 'resnet50' and args.distill_loss == 'energy_kd' and args.kd_temperature == 3.0
+
+
+@pytest.mark.parametrize('bad,match', [
+    (['--energy-rate', '0.7'], 'energy-rate'),
+    (['--he-da', 'cutmix', '--mixup', '0.2'], 'he-da'),
+    (['--num-classes', '7'], 'classes'),  # teacher checkpoint has 4 classes
+])
+def test_bad_flag_fails_fast_without_output_folder(runs, bad, match):
+    exp = 'bad-' + bad[0].strip('-')
+    with pytest.raises(ValueError, match=match):
+        train_energykd.main(runs['distill'] + ['--experiment', exp] + bad)
+    assert not os.path.exists(runs['out'] / exp)
+
+
+def test_cache_identity_mismatch_is_refused(runs, tmp_path):
+    from timm_energykd.energy import EnergyThresholds
+    cache = tmp_path / 'th.json'
+    EnergyThresholds.from_energies(torch.linspace(-5, 0, 50), 0.2, identity={'teacher': 'other'}).save_json(cache)
+    with pytest.raises(ValueError, match='calibration cache'):
+        train_energykd.main(runs['distill'] + ['--experiment', 'cache-mismatch', '--calibration-cache', str(cache)])
+
+
+@pytest.mark.parametrize('recipe', sorted(glob.glob(os.path.join(REPO, 'hparams', '*.yaml'))))
+def test_recipes_parse_and_validate(recipe, tmp_path):
+    with open(recipe) as f:
+        text = f.read()
+    assert '# Paper' in text or '# Source' in text, 'each recipe names the table / number it targets'
+    args, _ = parse_args(['--config', recipe, str(tmp_path)])
+    validate_args(args)
+    assert args.model and args.epochs > 0

@@ -1,0 +1,123 @@
+"""Build a distillation teacher with its own classifier head.
+
+timm's ``DistillationTeacher`` creates the teacher with the *student's* ``num_classes``; when the
+pretrained head has a different class count timm drops it and the teacher silently gets a random head.
+Here the teacher's class count comes from its weights, and a mismatch with the student is refused.
+
+    teacher = build_teacher('resnet50', num_classes=1000, pretrained=True)
+    teacher = build_teacher('cifar_resnet32x4', num_classes=100, checkpoint='output/train/t/model_best.pth.tar')
+"""
+import logging
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import timm
+
+from .io import load_state_dict_file
+
+__all__ = ['build_teacher', 'classifier_weight_key', 'checkpoint_num_classes']
+
+_logger = logging.getLogger(__name__)
+
+
+def classifier_weight_key(model: nn.Module) -> Optional[str]:
+    """State-dict key of the classifier weight of a timm model (``pretrained_cfg['classifier']``, else the
+    module returned by ``get_classifier()``); None when it cannot be found."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    names = cfg.get('classifier')
+    names = [names] if isinstance(names, str) else list(names or [])
+    state_keys = set(model.state_dict().keys())
+    for n in names:
+        if f'{n}.weight' in state_keys:
+            return f'{n}.weight'
+    if hasattr(model, 'get_classifier'):
+        head = model.get_classifier()
+        for name, module in model.named_modules():
+            if module is head and f'{name}.weight' in state_keys:
+                return f'{name}.weight'
+    return None
+
+
+def checkpoint_num_classes(state_dict: Dict[str, torch.Tensor], key: str) -> Optional[int]:
+    w = state_dict.get(key)
+    return int(w.shape[0]) if w is not None and w.ndim >= 1 else None
+
+
+def build_teacher(
+        name: str,
+        num_classes: int,
+        pretrained: bool = False,
+        checkpoint: Optional[str] = None,
+        in_chans: int = 3,
+        use_ema: bool = False,
+        **model_kwargs,
+) -> nn.Module:
+    """Create the teacher ``name`` with its own head, in eval mode, parameters frozen.
+
+    Args:
+        name: timm model name (plugin architectures such as ``cifar_resnet32x4`` included).
+        num_classes: The student's class count; the teacher must predict the same classes.
+        pretrained: Load timm's pretrained weights (its own head; must have ``num_classes`` classes).
+        checkpoint: Teacher weights: a timm training checkpoint (``.pth.tar`` with ``state_dict`` /
+            ``state_dict_ema``), a plain state dict, an mdistiller ``{'model': ...}`` dict or ``.safetensors``.
+            Loaded strictly; takes precedence over ``pretrained``.
+        in_chans: Input channels.
+        use_ema: Prefer ``state_dict_ema`` from a timm checkpoint.
+        **model_kwargs: Passed to ``timm.create_model``.
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming the flag and file (missing, corrupt, class-count
+        mismatch, wrong architecture).
+    """
+    try:
+        timm.models.get_arch_name(name)
+        known = timm.is_model(name) or name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:'))
+    except Exception:
+        known = False
+    if not known:
+        raise ValueError(f"--teacher: '{name}' is not a timm model name (see timm.list_models())")
+
+    if checkpoint:
+        state = load_state_dict_file(checkpoint, flag='--teacher-checkpoint', use_ema=use_ema)
+        probe = timm.create_model(name, pretrained=False, in_chans=in_chans, **model_kwargs)
+        key = classifier_weight_key(probe)
+        ckpt_classes = checkpoint_num_classes(state, key) if key else None
+        if key and key in state and ckpt_classes is None:
+            raise ValueError(f'--teacher-checkpoint: cannot read the class count from {key} in {checkpoint}')
+        if key and key not in state:
+            raise ValueError(
+                f"--teacher-checkpoint: {checkpoint} has no classifier weight '{key}' for --teacher {name} "
+                f"(wrong architecture?)")
+        if ckpt_classes is not None and ckpt_classes != num_classes:
+            raise ValueError(
+                f'--teacher-checkpoint: {checkpoint} predicts {ckpt_classes} classes but the student has '
+                f'{num_classes} (--num-classes / dataset); a teacher must predict the same classes')
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            detail = ' '.join(first[1:3])[:300] if len(first) > 1 else first[0][:300]
+            raise ValueError(
+                f'--teacher-checkpoint: {checkpoint} does not match --teacher {name} (strict load failed: {detail})'
+            ) from None
+        _logger.info(f"Teacher '{name}' ({num_classes} classes) loaded from {checkpoint}")
+    elif pretrained:
+        model = timm.create_model(name, pretrained=True, in_chans=in_chans, **model_kwargs)  # its own head
+        got = getattr(model, 'num_classes', None)
+        if got != num_classes:
+            raise ValueError(
+                f"--teacher-pretrained: timm's pretrained '{name}' predicts {got} classes but the student has "
+                f'{num_classes}; train a teacher on your classes first and pass --teacher-checkpoint')
+        _logger.info(f"Teacher '{name}' with timm pretrained weights ({got} classes)")
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
+        _logger.warning(
+            f"Teacher '{name}' has RANDOM weights (no --teacher-checkpoint / --teacher-pretrained): "
+            f'distillation from it is only useful for smoke tests')
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad = False
+    return model
