@@ -290,10 +290,22 @@ def calibrate(args, device, teacher, student):
     from timm_energykd.task import EnergyDistillationTask
     probe = EnergyDistillationTask(copy.deepcopy(student), teacher, distill_loss='kd', device=device)
     loader = synthetic_loader(args, device)
-    with _autocast(args, device):
-        thresholds = calibrate_thresholds(probe.teacher_logits, loader, rate=0.2, energy_temperature=4.0,
-                                          num_bins=10, device=device)
+    thresholds = _run_calibration(calibrate_thresholds, probe.teacher_logits, loader, args, device)
     return probe, loader, thresholds
+
+
+def _run_calibration(calibrate_thresholds: Callable, teacher_fn: Callable, loader, args, device):
+    """calibrate_thresholds with the benchmark's autocast; progress logging off when the function has it."""
+    import inspect
+    params = inspect.signature(calibrate_thresholds).parameters
+    kwargs: Dict[str, Any] = dict(rate=0.2, energy_temperature=4.0, num_bins=10, device=device)
+    if 'progress' in params:
+        kwargs['progress'] = False
+    if 'amp_dtype' in params:
+        kwargs['amp_dtype'] = torch.bfloat16 if args.amp else None
+        return calibrate_thresholds(teacher_fn, loader, **kwargs)
+    with _autocast(args, device):
+        return calibrate_thresholds(teacher_fn, loader, **kwargs)
 
 
 def time_calibration(args, device, teacher_fn: Callable, loader, reps: int) -> Dict[str, Any]:
@@ -306,8 +318,7 @@ def time_calibration(args, device, teacher_fn: Callable, loader, reps: int) -> D
                 teacher_fn(x)
 
     def calib():
-        with _autocast(args, device):
-            calibrate_thresholds(teacher_fn, loader, rate=0.2, energy_temperature=4.0, num_bins=10, device=device)
+        _run_calibration(calibrate_thresholds, teacher_fn, loader, args, device)
 
     fns = {'teacher_forward': plain, 'calibrate_thresholds': calib}
     for fn in fns.values():  # warm-up
