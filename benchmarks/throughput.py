@@ -165,6 +165,12 @@ def create_models(args: argparse.Namespace, device: torch.device):
     teacher = timm.create_model(args.teacher, pretrained=False, num_classes=args.num_classes)
     student = timm.create_model(args.student, pretrained=False, num_classes=args.num_classes)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    for m in (teacher, student):
+        if not hasattr(m, 'in_chans'):
+            # timm's LogitDistillationTask reads student.in_chans; timm's own models all set it
+            print(f'warning: {type(m).__name__} has no in_chans attribute; setting 3 for timm\'s tasks',
+                  file=sys.stderr)
+            m.in_chans = 3
     teacher = teacher.to(device=device, memory_format=memory_format).eval().requires_grad_(False)
     student = student.to(device=device, memory_format=memory_format)
     return teacher, student
@@ -507,12 +513,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         for name in names[k:] + names[:k]:  # rotate the order every repetition
             runners[name].timed(args.iters)
 
-    for name in variants:
+    failed = results['variants']
+    results['variants'] = {}
+    for name in variants:  # in the order asked for
         if name in runners:
             r = runners[name]
             med = median(r.times)
             results['variants'][name] = dict(times_s=r.times, median_s=med, images_per_s=args.batch_size / med,
                                              peak_mem_mb=r.peak_mem_mb)
+        else:
+            results['variants'][name] = failed[name]
 
     if calib_probe is not None:
         results['calibration'] = time_calibration(args, device, calib_probe.teacher_logits, loader,
