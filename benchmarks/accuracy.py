@@ -239,8 +239,10 @@ def launch(args: argparse.Namespace, argv: List[str], log_path: Path) -> int:
         trainer.main(argv)
     except SystemExit as e:  # argparse errors / explicit exits
         return int(e.code or 0) if not isinstance(e.code, str) else 1
-    except Exception as e:
-        log_path.write_text(f'{type(e).__name__}: {e}\n')
+    except Exception:
+        import traceback
+        log_path.write_text(traceback.format_exc())
+        print(traceback.format_exc(limit=-3), file=sys.stderr)
         return 1
     return 0
 
