@@ -355,6 +355,8 @@ def judge(results: Dict[str, Any], args: argparse.Namespace) -> List[Dict[str, A
 
     def add(name, value, limit, ok, note):
         status = 'n/a' if value is None else ('not judged (tiny)' if args.tiny else ('PASS' if ok else 'MISS'))
+        if value is not None and not args.tiny and not args.device.startswith('cuda'):
+            status += ' (CPU run; the targets are for GPU)'
         targets.append(dict(target=name, value=value, limit=limit, status=status, note=note))
 
     base = med.get(BASELINE)
