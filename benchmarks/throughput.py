@@ -196,8 +196,13 @@ def build_task(
         device: torch.device,
         thresholds: Any = None,
         he_da_selection: str = 'topk',
+        he_da_thresholds: Optional[Dict[float, Any]] = None,
 ) -> nn.Module:
-    """One training task per variant; every task gets a plain cross-entropy criterion and T = 4."""
+    """One training task per variant; every task gets a plain cross-entropy criterion and T = 4.
+
+    ``thresholds``: dataset thresholds at r = 0.2 (the temperature bins of the energy variants);
+    ``he_da_thresholds``: {rate: thresholds at that rate}, HE-DA's own high threshold for threshold selection.
+    """
     criterion = nn.CrossEntropyLoss()
     if variant == 'ce':
         from timm.task import ClassificationTask
@@ -209,7 +214,8 @@ def build_task(
 
     from timm_energykd.task import EnergyDistillationTask
     kwargs: Dict[str, Any] = dict(criterion=criterion, temperature=4.0, energy_temperature=4.0, device=device,
-                                  thresholds=thresholds, threshold_mode='dataset')
+                                  threshold_mode='dataset', verbose=False)
+    he_da_thr = None
     if variant == 'kd':
         kwargs.update(distill_loss='kd')
     elif variant == 'energy_kd':
@@ -229,10 +235,13 @@ def build_task(
         from timm_energykd.mixing import HighEnergyMix
         he_da = HighEnergyMix(mode='cutmix', alpha=1.0, selection=he_da_selection,
                               rate=rate if he_da_selection == 'topk' else None)
-        kwargs.update(distill_loss='kd', he_da=he_da, energy_rate=rate)
+        kwargs.update(distill_loss='kd', he_da=he_da)
         if he_da_selection == 'threshold':
-            kwargs.update(thresholds=None)  # the task calibrates/uses thresholds at this rate
-    return EnergyDistillationTask(student, teacher, **kwargs)
+            he_da_thr = (he_da_thresholds or {})[rate]
+    task = EnergyDistillationTask(student, teacher, **kwargs)
+    if thresholds is not None:
+        task.set_thresholds(thresholds, he_da_thresholds=he_da_thr)
+    return task
 
 
 def _autocast(args: argparse.Namespace, device: torch.device):
@@ -294,17 +303,22 @@ def calibrate(args, device, teacher, student):
     """Thresholds for the energy variants from calibrate_thresholds over the synthetic loader."""
     from timm_energykd.energy import calibrate_thresholds
     from timm_energykd.task import EnergyDistillationTask
-    probe = EnergyDistillationTask(copy.deepcopy(student), teacher, distill_loss='kd', device=device)
+    probe = EnergyDistillationTask(copy.deepcopy(student), teacher, distill_loss='kd', device=device, verbose=False)
     loader = synthetic_loader(args, device)
     thresholds = _run_calibration(calibrate_thresholds, probe.teacher_logits, loader, args, device)
-    return probe, loader, thresholds
+    he_da_thresholds = {}
+    if args.he_da_selection == 'threshold':
+        for r in args.he_da_rates:
+            he_da_thresholds[r] = _run_calibration(calibrate_thresholds, probe.teacher_logits, loader, args, device,
+                                                   rate=r)
+    return probe, loader, thresholds, he_da_thresholds
 
 
-def _run_calibration(calibrate_thresholds: Callable, teacher_fn: Callable, loader, args, device):
+def _run_calibration(calibrate_thresholds: Callable, teacher_fn: Callable, loader, args, device, rate: float = 0.2):
     """calibrate_thresholds with the benchmark's autocast; progress logging off when the function has it."""
     import inspect
     params = inspect.signature(calibrate_thresholds).parameters
-    kwargs: Dict[str, Any] = dict(rate=0.2, energy_temperature=4.0, num_bins=10, device=device)
+    kwargs: Dict[str, Any] = dict(rate=rate, energy_temperature=4.0, num_bins=10, device=device)
     if 'progress' in params:
         kwargs['progress'] = False
     if 'amp_dtype' in params:
@@ -468,9 +482,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     teacher, student = create_models(args, device)
     batch = synthetic_batch(args, device, seed=args.seed)
 
-    thresholds = calib_probe = loader = None
+    thresholds = calib_probe = loader = he_da_thresholds = None
     if any(needs_core(v) for v in variants):
-        calib_probe, loader, thresholds = calibrate(args, device, teacher, student)
+        calib_probe, loader, thresholds, he_da_thresholds = calibrate(args, device, teacher, student)
 
     runners: Dict[str, Runner] = {}
     results: Dict[str, Any] = dict(machine=machine_info(), config=dict(
@@ -482,7 +496,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         else command_line(args.argv, 'benchmarks/throughput.py')), variants={})
     for name in variants:
         try:
-            task = build_task(name, copy.deepcopy(student), teacher, device, thresholds, args.he_da_selection)
+            task = build_task(name, copy.deepcopy(student), teacher, device, thresholds, args.he_da_selection,
+                              he_da_thresholds)
             task.train()
             if hasattr(task, 'teacher'):
                 task.teacher.eval()  # timm 1.0.29's LogitDistillationTask.train() does not keep it in eval
