@@ -280,13 +280,17 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
 
     def warmup(self, n: int) -> None:
+        resident = 0
         if self.device.type == 'cuda':
+            _sync(self.device)
+            resident = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         for _ in range(n):
             self.step()
         _sync(self.device)
         if self.device.type == 'cuda':
-            self.peak_mem_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+            # what this variant's step needs above the memory already held by all variants' weights
+            self.peak_mem_mb = (torch.cuda.max_memory_allocated(self.device) - resident) / 2 ** 20
 
     def timed(self, iters: int) -> float:
         _sync(self.device)
@@ -427,7 +431,7 @@ def format_report(results: Dict[str, Any], args: argparse.Namespace) -> str:
         ratio = f"{v['median_s'] / base:.3f}" if base else 'n/a'
         mem = f"{v['peak_mem_mb']:.0f}" if v.get('peak_mem_mb') is not None else ''
         rows.append([name, f"{v['median_s'] * 1e3:.2f}", f"{v['images_per_s']:.1f}", ratio, mem])
-    lines.append(markdown_table(['variant', 'step ms (median)', 'img/s', f'x {BASELINE}', 'peak MiB'], rows))
+    lines.append(markdown_table(['variant', 'step ms (median)', 'img/s', f'x {BASELINE}', 'step peak MiB'], rows))
     cal = results.get('calibration')
     if cal:
         lines += ['', markdown_table(
@@ -474,6 +478,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
 
     variants = [args.profile] if args.profile else list(args.variants)
+    if args.compile:
+        # every variant compiles its own student copy and teacher wrapper; the default recompile limit (8)
+        # would silently leave the later variants running eager
+        import torch._dynamo
+        for name in ('recompile_limit', 'cache_size_limit'):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * (len(variants) + 2)))
+                break  # torch >= 2.6 calls it recompile_limit (cache_size_limit is the old alias)
     missing = core_available() if (any(needs_core(v) for v in variants) or not args.tiny) else None
     if missing:
         raise RuntimeError(f'variants {[v for v in variants if needs_core(v)]} need timm_energykd.task / energy / '
