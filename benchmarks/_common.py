@@ -99,3 +99,41 @@ def command_line(argv: Optional[List[str]] = None, script: str = '') -> str:
     """The command as typed, for the record."""
     argv = sys.argv[1:] if argv is None else argv
     return ' '.join(['python', script or sys.argv[0]] + [str(a) for a in argv])
+
+
+def hbar_png(labels: Sequence[str], values: Sequence[float], path: os.PathLike, title: str,
+             value_fmt: str = '{:.2f}', errors: Optional[Sequence[float]] = None, axis_min: float = 0.0,
+             axis_note: str = '', grey: Sequence[str] = (), value_labels: Optional[Sequence[str]] = None) -> None:
+    """A small horizontal bar chart drawn with Pillow (no matplotlib): one bar per label, value at the end,
+    an optional +-error whisker, bars starting at ``axis_min``."""
+    from PIL import Image, ImageDraw, ImageFont
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    label_w, bar_w, row_h, top, right = 170, 420, 26, 40, 160
+    width = max(label_w + bar_w + right, 12 + int(font.getlength(title)) if hasattr(font, 'getlength') else 0)
+    height = top + row_h * max(len(values), 1) + 30
+    img = Image.new('RGB', (width, height), 'white')
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), title, fill='black', font=font)
+    errors = list(errors) if errors is not None else [0.0] * len(values)
+    hi = max([v + e for v, e in zip(values, errors)] or [1.0])
+    scale = bar_w / max(hi - axis_min, 1e-9)
+    for i, (label, v, e) in enumerate(zip(labels, values, errors)):
+        y = top + i * row_h
+        d.text((10, y + 5), str(label), fill='black', font=font)
+        x_end = label_w + (v - axis_min) * scale
+        colour = (150, 150, 150) if label in grey else (70, 110, 180)
+        d.rectangle([label_w, y + 4, max(label_w + 1, x_end), y + row_h - 4], fill=colour)
+        if e > 0:
+            xl, xr, ym = label_w + (v - e - axis_min) * scale, label_w + (v + e - axis_min) * scale, y + row_h // 2
+            d.line([xl, ym, xr, ym], fill='black')
+            d.line([xl, ym - 4, xl, ym + 4], fill='black')
+            d.line([xr, ym - 4, xr, ym + 4], fill='black')
+        text = value_labels[i] if value_labels is not None else value_fmt.format(v)
+        d.text((label_w + bar_w + 8, y + 5), text, fill='black', font=font)
+    if axis_note:
+        d.text((label_w, height - 22), axis_note, fill=(90, 90, 90), font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, optimize=True)

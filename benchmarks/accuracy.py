@@ -27,7 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    REPO_ROOT, command_line, machine_info, markdown_table, mean_std, write_json_atomic, write_text_atomic,
+    REPO_ROOT, command_line, hbar_png, machine_info, markdown_table, mean_std, write_json_atomic,
+    write_text_atomic,
 )
 
 TRAINER = REPO_ROOT / 'train_energykd.py'
@@ -297,41 +298,18 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 
 def bar_plot(rows: List[Dict[str, Any]], path: os.PathLike, title: str) -> None:
     """Horizontal bars of final top-1 mean with a ±std whisker; Pillow only."""
-    from PIL import Image, ImageDraw, ImageFont
     rows = [r for r in rows if r['n'] > 0]
-    try:
-        font = ImageFont.load_default(size=14)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    label_w, bar_w, row_h, top, right = 170, 420, 26, 40, 90
-    width, height = label_w + bar_w + right, top + row_h * max(len(rows), 1) + 30
-    img = Image.new('RGB', (width, height), 'white')
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), title, fill='black', font=font)
-    if rows:
-        hi = max(r['final_mean'] + r['final_std'] for r in rows)
-        lo = min(r['final_mean'] - r['final_std'] for r in rows)
-        # bars start a little below the lowest value so differences of a few points stay visible
-        x0_val = max(0.0, lo - max(2.0, 0.25 * (hi - lo)))
-        x1_val = min(100.0, hi + 0.5) if hi > x0_val else x0_val + 1.0
-        scale = bar_w / max(x1_val - x0_val, 1e-6)
-        for i, r in enumerate(rows):
-            y = top + i * row_h
-            d.text((10, y + 5), r['variant'], fill='black', font=font)
-            x_end = label_w + (r['final_mean'] - x0_val) * scale
-            colour = (70, 110, 180) if r['variant'] not in ('ce', 'teacher') else (150, 150, 150)
-            d.rectangle([label_w, y + 4, max(label_w + 1, x_end), y + row_h - 4], fill=colour)
-            if r['final_std'] > 0:
-                xl = label_w + (r['final_mean'] - r['final_std'] - x0_val) * scale
-                xr = label_w + (r['final_mean'] + r['final_std'] - x0_val) * scale
-                ym = y + row_h // 2
-                d.line([xl, ym, xr, ym], fill='black', width=1)
-                d.line([xl, ym - 4, xl, ym + 4], fill='black')
-                d.line([xr, ym - 4, xr, ym + 4], fill='black')
-            d.text((label_w + bar_w + 8, y + 5), f"{r['final_mean']:.2f}", fill='black', font=font)
-        d.text((label_w, height - 22), f'top-1 axis from {x0_val:.1f} to {x1_val:.1f}', fill=(90, 90, 90), font=font)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, optimize=True)
+    if not rows:
+        hbar_png([], [], path, title + ' (no finished runs)')
+        return
+    hi = max(r['final_mean'] + r['final_std'] for r in rows)
+    lo = min(r['final_mean'] - r['final_std'] for r in rows)
+    # bars start a little below the lowest value so differences of a few points stay visible
+    axis_min = max(0.0, lo - max(2.0, 0.25 * (hi - lo)))
+    hbar_png([r['variant'] for r in rows], [r['final_mean'] for r in rows], path, title,
+             errors=[r['final_std'] for r in rows], axis_min=axis_min, grey=('ce', 'teacher'),
+             value_labels=[f"{r['final_mean']:.2f} ± {r['final_std']:.2f}" for r in rows],
+             axis_note=f'top-1 (%), axis from {axis_min:.1f}; whisker: ± std over seeds')
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:

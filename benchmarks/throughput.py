@@ -96,6 +96,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU runs)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default=None, metavar='OUT', help='write all results to this JSON file')
+    p.add_argument('--png', default=None, metavar='OUT', help='write a bar plot of the step times (Pillow)')
     p.add_argument('--profile', default=None, metavar='VARIANT',
                    help='instead of the benchmark, print a torch.profiler table for one variant')
     p.add_argument('--profile-steps', type=int, default=5)
@@ -453,6 +454,22 @@ def format_report(results: Dict[str, Any], args: argparse.Namespace) -> str:
     return '\n'.join(lines)
 
 
+def plot_step_times(results: Dict[str, Any], path: str) -> None:
+    """Median step time per variant, labelled with its ratio to timm's LogitDistillationTask."""
+    from _common import hbar_png
+    ok = {k: v for k, v in results['variants'].items() if v.get('median_s')}
+    base = ok.get(BASELINE, {}).get('median_s')
+    c, m = results['config'], results['machine']
+    labels = list(ok)
+    values = [ok[k]['median_s'] * 1e3 for k in labels]
+    texts = [f"{ok[k]['median_s'] * 1e3:.0f} ms" + (f" ({ok[k]['median_s'] / base:.2f}x)" if base else '')
+             for k in labels]
+    hbar_png(labels, values, path,
+             title=f"step time, {c['teacher']} -> {c['student']}, batch {c['batch_size']}, {m['device_name']}",
+             value_labels=texts, grey=(BASELINE, 'ce'),
+             axis_note='median over repetitions; (x) = ratio to timm LogitDistillationTask')
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 def profile(args: argparse.Namespace, runner: Runner) -> str:
@@ -570,6 +587,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if args.json:
             write_json_atomic(args.json, results)
             print(f'\nwrote {args.json}')
+        if args.png:
+            plot_step_times(results, args.png)
+            print(f'wrote {args.png}')
     return results
 
 
