@@ -498,10 +498,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.compile:
         # every variant compiles its own student copy and teacher wrapper; the default recompile limit (8)
         # would silently leave the later variants running eager
-        import torch._dynamo
+        import torch._dynamo as dynamo
         for name in ('recompile_limit', 'cache_size_limit'):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * (len(variants) + 2)))
+            if hasattr(dynamo.config, name):
+                setattr(dynamo.config, name, max(getattr(dynamo.config, name), 8 * (len(variants) + 2)))
                 break  # torch >= 2.6 calls it recompile_limit (cache_size_limit is the old alias)
     missing = core_available() if (any(needs_core(v) for v in variants) or not args.tiny) else None
     if missing:
