@@ -119,7 +119,8 @@ def _resolve_args(args: argparse.Namespace) -> None:
         args.teacher, args.student = TINY['teacher'], TINY['student']
         args.img_size, args.batch_size, args.epochs = TINY['img_size'], TINY['batch_size'], TINY['epochs']
         args.seeds = TINY['seeds']
-        args.train_args = ' '.join(['--workers 0', args.train_args]).strip()  # no loader processes for 32 images
+        # no loader processes for 32 images; no LR warm-up in a 1-epoch run
+        args.train_args = ' '.join(['--workers 0 --warmup-epochs 0', args.train_args]).strip()
         args.launcher = args.launcher or 'inprocess'
         if args.output is None:
             args.output = tempfile.mkdtemp(prefix='energykd-accuracy-tiny-')
