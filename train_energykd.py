@@ -37,8 +37,8 @@ from timm.utils.model import unwrap_model
 
 import timm_energykd  # noqa: F401  (registers models and losses)
 from timm_energykd.args import parse_args, validate_args
-from timm_energykd.data import create_train_eval_datasets, dataset_num_classes
-from timm_energykd.io import load_checkpoint_file, write_atomic
+from timm_energykd.data import TransformSubset, create_train_eval_datasets, dataset_num_classes
+from timm_energykd.io import check_image_files, check_writable_dir, load_checkpoint_file, write_atomic
 from timm_energykd.teacher import build_teacher
 
 _logger = logging.getLogger('train_energykd')
@@ -88,6 +88,57 @@ def _check_trainer_args(args) -> None:
     if args.teacher is not None and not timm.is_model(args.teacher) \
             and not str(args.teacher).startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
         raise ValueError(f"--teacher: '{args.teacher}' is not a timm model name (see timm.list_models())")
+    check_writable_dir(args.output or './output/train', '--output')
+
+
+# Up to this many train/val images get their header checked at startup (~1 s for 50k on a local disk); larger
+# sets rely on timm's dataset, which skips an unreadable image with a warning and stops after repeated failures.
+_MAX_IMAGES_CHECKED = 50_000
+
+
+def _image_paths(dataset) -> Optional[List[str]]:
+    """File paths of a timm folder dataset (None for other kinds, e.g. torchvision CIFAR or streaming)."""
+    indices = None
+    if isinstance(dataset, TransformSubset):
+        dataset, indices = dataset.dataset, dataset.indices
+    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
+    if samples is None:
+        return None
+    paths = [s[0] for s in samples]
+    return paths if indices is None else [paths[i] for i in indices]
+
+
+def _check_images(dataset, flag: str = '--data-dir') -> None:
+    """Unreadable images fail here, with the file named, instead of hours into calibration or training."""
+    paths = _image_paths(dataset)
+    if paths is None:
+        return
+    if len(paths) > _MAX_IMAGES_CHECKED:
+        _logger.info(f'{len(paths)} images: skipping the startup image check (limit {_MAX_IMAGES_CHECKED}); '
+                     f'unreadable images are skipped with a warning during training')
+        return
+    check_image_files(paths, flag)
+
+
+def _check_resume_matches(args, ckpt) -> None:
+    """--resume must continue the same distillation: same teacher (name and weights) and loss."""
+    old = ckpt.get('args')
+    if old is not None:
+        old_teacher = getattr(old, 'teacher', None) or getattr(old, 'kd_model_name', None)
+        new_teacher = args.teacher or getattr(args, 'kd_model_name', None)
+        old_loss = getattr(old, 'distill_loss', None) if old_teacher is not None else None
+        new_loss = args.distill_loss if new_teacher is not None else None
+        if old_teacher != new_teacher:
+            raise ValueError(f'--resume: {args.resume} was trained with --teacher {old_teacher}, this run has '
+                             f'--teacher {new_teacher}; resume with the same teacher or start a new run')
+        if old_loss != new_loss:
+            raise ValueError(f'--resume: {args.resume} was trained with --distill-loss {old_loss}, this run has '
+                             f'--distill-loss {new_loss}; resume with the same loss or start a new run')
+    identity = ((ckpt.get('task_state') or {}).get('thresholds') or {}).get('identity') or {}
+    old_sha = identity.get('teacher_checkpoint_sha256')
+    if old_sha is not None and args.teacher_checkpoint and _sha256(args.teacher_checkpoint) != old_sha:
+        raise ValueError(f'--resume: {args.resume} was distilled from other teacher weights than '
+                         f'--teacher-checkpoint {args.teacher_checkpoint} (sha256 differs)')
 
 
 def _resolve_device(args) -> torch.device:
@@ -241,6 +292,7 @@ def _resume(args, task, model, optimizer, loss_scaler) -> Optional[int]:
     ckpt = load_checkpoint_file(args.resume, flag='--resume')
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise ValueError(f'--resume: {args.resume} is not a timm training checkpoint (no state_dict)')
+    _check_resume_matches(args, ckpt)
     try:
         unwrap_model(model).load_state_dict(ckpt['state_dict'], strict=True)
     except RuntimeError as e:
@@ -437,6 +489,9 @@ def train(args, args_text: str) -> Dict[str, Any]:
         args.num_classes = ds_classes
     elif ds_classes is not None and ds_classes > args.num_classes:
         raise ValueError(f'--num-classes {args.num_classes} is smaller than the dataset\'s {ds_classes} classes')
+    _check_images(dataset_train)
+    if dataset_eval is not None:
+        _check_images(dataset_eval)
 
     # ---- student ----
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
@@ -560,7 +615,9 @@ def train(args, args_text: str) -> Dict[str, Any]:
         else:
             exp_name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), timm.models.get_arch_name(args.model),
                                  str(data_config['input_size'][-1])])
-        output_dir = get_outdir(args.output if args.output else './output/train', exp_name)
+        base_dir = args.output if args.output else './output/train'
+        created_dir = not os.path.exists(os.path.join(base_dir, exp_name))
+        output_dir = get_outdir(base_dir, exp_name)
         write_atomic(os.path.join(output_dir, 'args.yaml'), args_text)
     if args.distributed:
         import torch.distributed as dist
@@ -568,24 +625,38 @@ def train(args, args_text: str) -> Dict[str, Any]:
         dist.broadcast_object_list(holder, src=0)
         output_dir = holder[0]
 
-    # ---- energy thresholds (paper: one teacher pass over the train set before training) ----
-    thresholds = getattr(task, 'thresholds', None)
-    if teacher is not None and thresholds is None and _needs_calibration(args, task):
-        loader_calib = create_loader(dataset_train, batch_size=args.batch_size, **loader_kw)  # no mixup collate
-        thresholds = _calibrate(args, task, loader_calib, output_dir, len(dataset_train), amp_dtype, device)
-    elif thresholds is not None and args.rank == 0:
-        _logger.info(f'Energy thresholds restored from the checkpoint: low={thresholds.low:.4f} '
-                     f'high={thresholds.high:.4f}')
+    try:
+        # ---- energy thresholds (paper: one teacher pass over the train set before training) ----
+        thresholds = getattr(task, 'thresholds', None)
+        if teacher is not None and thresholds is None and _needs_calibration(args, task):
+            dataset_calib = dataset_train
+            if args.distributed:
+                # a strided split, not the train DistributedSampler: that one pads with repeated samples,
+                # which would enter the thresholds twice; this way the ranks together see each image once
+                dataset_calib = TransformSubset(dataset_train, range(args.rank, len(dataset_train), args.world_size))
+            loader_calib = create_loader(
+                dataset_calib, batch_size=args.batch_size, **dict(loader_kw, distributed=False))  # no mixup collate
+            thresholds = _calibrate(args, task, loader_calib, output_dir, len(dataset_train), amp_dtype, device)
+        elif thresholds is not None and args.rank == 0:
+            _logger.info(f'Energy thresholds restored from the checkpoint: low={thresholds.low:.4f} '
+                         f'high={thresholds.high:.4f}')
 
-    # ---- checkpoints ----
-    saver = None
-    if args.rank == 0:
-        saver = AtomicCheckpointSaver(
-            model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
-            recovery_dir=output_dir, decreasing=decreasing, max_history=args.checkpoint_hist, task=task)
-        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir) \
-                and hasattr(saver, 'load_state_dict_from_checkpoint'):
-            saver.load_state_dict_from_checkpoint(args.resume)
+        # ---- checkpoints ----
+        saver = None
+        if args.rank == 0:
+            saver = AtomicCheckpointSaver(
+                model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
+                recovery_dir=output_dir, decreasing=decreasing, max_history=args.checkpoint_hist, task=task)
+            if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir) \
+                    and hasattr(saver, 'load_state_dict_from_checkpoint'):
+                saver.load_state_dict_from_checkpoint(args.resume)
+    except BaseException:
+        # failed before the first epoch (bad calibration cache, non-finite teacher, unreadable data...):
+        # leave no half-made output folder behind (only one this run created; a resumed folder is kept)
+        if args.rank == 0 and created_dir:
+            import shutil
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     args.__dict__.pop('_resume_ckpt', None)
 
     if args.rank == 0:
@@ -599,6 +670,10 @@ def train(args, args_text: str) -> Dict[str, Any]:
     for epoch in range(start_epoch, num_epochs):
         if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
+        # every epoch's randomness (shuffle, augmentation, dropout, HE-DA / mixup draws) depends only on
+        # (seed, rank, epoch), so a run resumed from an epoch checkpoint replays exactly what an uninterrupted
+        # run would have done; epoch 0 is seeded like timm (seed + rank)
+        random_seed(args.seed, args.rank + args.world_size * epoch)
         train_metrics, num_updates = train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, lr_scheduler=lr_scheduler,
             amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn, num_updates_start=num_updates)
