@@ -618,6 +618,7 @@ def train(args, args_text: str) -> Dict[str, Any]:
         base_dir = args.output if args.output else './output/train'
         created_dir = not os.path.exists(os.path.join(base_dir, exp_name))
         output_dir = get_outdir(base_dir, exp_name)
+        args._new_output_dir = output_dir if created_dir else None  # removed by main() if no checkpoint follows
         write_atomic(os.path.join(output_dir, 'args.yaml'), args_text)
     if args.distributed:
         import torch.distributed as dist
@@ -625,38 +626,30 @@ def train(args, args_text: str) -> Dict[str, Any]:
         dist.broadcast_object_list(holder, src=0)
         output_dir = holder[0]
 
-    try:
-        # ---- energy thresholds (paper: one teacher pass over the train set before training) ----
-        thresholds = getattr(task, 'thresholds', None)
-        if teacher is not None and thresholds is None and _needs_calibration(args, task):
-            dataset_calib = dataset_train
-            if args.distributed:
-                # a strided split, not the train DistributedSampler: that one pads with repeated samples,
-                # which would enter the thresholds twice; this way the ranks together see each image once
-                dataset_calib = TransformSubset(dataset_train, range(args.rank, len(dataset_train), args.world_size))
-            loader_calib = create_loader(
-                dataset_calib, batch_size=args.batch_size, **dict(loader_kw, distributed=False))  # no mixup collate
-            thresholds = _calibrate(args, task, loader_calib, output_dir, len(dataset_train), amp_dtype, device)
-        elif thresholds is not None and args.rank == 0:
-            _logger.info(f'Energy thresholds restored from the checkpoint: low={thresholds.low:.4f} '
-                         f'high={thresholds.high:.4f}')
+    # ---- energy thresholds (paper: one teacher pass over the train set before training) ----
+    thresholds = getattr(task, 'thresholds', None)
+    if teacher is not None and thresholds is None and _needs_calibration(args, task):
+        dataset_calib = dataset_train
+        if args.distributed:
+            # a strided split, not the train DistributedSampler: that one pads with repeated samples,
+            # which would enter the thresholds twice; this way the ranks together see each image once
+            dataset_calib = TransformSubset(dataset_train, range(args.rank, len(dataset_train), args.world_size))
+        loader_calib = create_loader(
+            dataset_calib, batch_size=args.batch_size, **dict(loader_kw, distributed=False))  # no mixup collate
+        thresholds = _calibrate(args, task, loader_calib, output_dir, len(dataset_train), amp_dtype, device)
+    elif thresholds is not None and args.rank == 0:
+        _logger.info(f'Energy thresholds restored from the checkpoint: low={thresholds.low:.4f} '
+                     f'high={thresholds.high:.4f}')
 
-        # ---- checkpoints ----
-        saver = None
-        if args.rank == 0:
-            saver = AtomicCheckpointSaver(
-                model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
-                recovery_dir=output_dir, decreasing=decreasing, max_history=args.checkpoint_hist, task=task)
-            if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir) \
-                    and hasattr(saver, 'load_state_dict_from_checkpoint'):
-                saver.load_state_dict_from_checkpoint(args.resume)
-    except BaseException:
-        # failed before the first epoch (bad calibration cache, non-finite teacher, unreadable data...):
-        # leave no half-made output folder behind (only one this run created; a resumed folder is kept)
-        if args.rank == 0 and created_dir:
-            import shutil
-            shutil.rmtree(output_dir, ignore_errors=True)
-        raise
+    # ---- checkpoints ----
+    saver = None
+    if args.rank == 0:
+        saver = AtomicCheckpointSaver(
+            model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
+            recovery_dir=output_dir, decreasing=decreasing, max_history=args.checkpoint_hist, task=task)
+        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir) \
+                and hasattr(saver, 'load_state_dict_from_checkpoint'):
+            saver.load_state_dict_from_checkpoint(args.resume)
     args.__dict__.pop('_resume_ckpt', None)
 
     if args.rank == 0:
@@ -740,7 +733,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         from timm_energykd.demo import run_demo
         return run_demo(args, train_fn=main)
     validate_args(args)
-    return train(args, args_text)
+    try:
+        return train(args, args_text)
+    except BaseException:
+        _remove_unused_output_dir(getattr(args, '_new_output_dir', None))
+        raise
+    finally:
+        args.__dict__.pop('_new_output_dir', None)
+
+
+def _remove_unused_output_dir(output_dir: Optional[str]) -> None:
+    """A run that fails before it has saved anything (bad calibration cache, non-finite teacher, unreadable
+    data...) leaves no half-made output folder; only a folder this run created is touched."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return
+    if any(name.endswith('.pth.tar') or name.startswith('energy_thresholds') for name in os.listdir(output_dir)):
+        return  # a checkpoint to resume from, or a finished calibration worth keeping
+    import shutil
+    shutil.rmtree(output_dir, ignore_errors=True)
 
 
 if __name__ == '__main__':
