@@ -49,9 +49,17 @@ _TERMS = ('loss', 'task_loss', 'kd_loss', 'he_da_loss', 'he_da_frac', 'energy_me
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver already writes ``last`` via a temp file + ``os.replace``; the copy to
-    ``model_best`` / ``checkpoint-N`` unlinks then links (or copies) in place. Do that through a temp name
-    and ``os.replace`` too, so a crash never leaves a missing or half-copied best checkpoint."""
+    """timm's CheckpointSaver writes ``last`` via a temp file, but unlinks the old ``last`` before the rename,
+    and the copy to ``model_best`` / ``checkpoint-N`` unlinks then links (or copies) in place. Here every
+    file appears through a temp name and one ``os.replace``, so a kill at any moment leaves each checkpoint
+    either the previous complete version or the new complete one."""
+
+    def _replace(self, src, dst):
+        if os.name == 'nt':
+            return super()._replace(src, dst)
+        # timm unlinks ``last`` before the rename, so a kill in between would leave no last checkpoint;
+        # os.replace alone is atomic on POSIX (a hard-linked checkpoint-N keeps its own inode)
+        os.replace(src, dst)
 
     def _duplicate(self, src, dst):
         tmp = dst + '.tmp-dup'
