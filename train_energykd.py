@@ -644,6 +644,10 @@ def train(args, args_text: str) -> Dict[str, Any]:
             dataset_calib = TransformSubset(dataset_train, range(args.rank, len(dataset_train), args.world_size))
         loader_calib = create_loader(
             dataset_calib, batch_size=args.batch_size, **dict(loader_kw, distributed=False))  # no mixup collate
+        # a training loader drops the last partial batch; the thresholds must see every image
+        batch_sampler = getattr(getattr(loader_calib, 'loader', loader_calib), 'batch_sampler', None)
+        if batch_sampler is not None and hasattr(batch_sampler, 'drop_last'):
+            batch_sampler.drop_last = False
         thresholds = _calibrate(args, task, loader_calib, output_dir, len(dataset_train), amp_dtype, device)
     elif thresholds is not None and args.rank == 0:
         _logger.info(f'Energy thresholds restored from the checkpoint: low={thresholds.low:.4f} '
@@ -748,6 +752,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise
     finally:
         args.__dict__.pop('_new_output_dir', None)
+        if getattr(args, 'distributed', False) and torch.distributed.is_initialized():
+            # tear gloo/NCCL down explicitly: exiting with a live process group can abort at interpreter exit
+            torch.distributed.destroy_process_group()
 
 
 def _remove_unused_output_dir(output_dir: Optional[str]) -> None:
