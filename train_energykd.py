@@ -13,6 +13,7 @@ Flow: parse -> validate -> build (data, student, teacher, task, optimizer) -> ca
 import hashlib
 import logging
 import os
+import pickle
 import sys
 import time
 from collections import OrderedDict
@@ -503,11 +504,19 @@ def train(args, args_text: str) -> Dict[str, Any]:
 
     # ---- student ----
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    model = timm.create_model(
-        args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
-        drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
-        global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
-        checkpoint_path=args.initial_checkpoint or None, **(args.model_kwargs or {}))
+    try:
+        model = timm.create_model(
+            args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
+            drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
+            global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
+            checkpoint_path=args.initial_checkpoint or None, **(args.model_kwargs or {}))
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        if not args.initial_checkpoint:
+            raise
+        # timm reads it with torch.load(weights_only=True); its errors span many lines
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ValueError(f'--initial-checkpoint: cannot load {args.initial_checkpoint} into --model {args.model}: '
+                         f'{first[:300]}') from None
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
