@@ -28,6 +28,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, WORLD = 16, 2
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # the in-process runs below use one thread; leave the session as it was
+
+
 def _tiny(seed):
     torch.manual_seed(seed)
     m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))

@@ -69,7 +69,6 @@ def test_library_readers_refuse(evil):
 
 
 def test_trainer_refuses_every_checkpoint_flag(evil, tmp_path):
-    torch.set_num_threads(1)
     data = make_demo_imagefolder(tmp_path / 'data', train_per_class=2, val_per_class=1, size=32, num_classes=4)
     common = [str(data), '--img-size', '32', '--batch-size', '4', '--workers', '0', '--device', 'cpu',
               '--output', str(tmp_path / 'out'), '--epochs', '1', '--model', 'test_resnet', '--experiment', 'x']
