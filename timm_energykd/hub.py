@@ -568,8 +568,15 @@ def push_to_hub(
             repo_id=full_id, folder_path=str(folder), revision=revision, commit_message=commit_message,
             create_pr=create_pr, allow_patterns=list(_EXPORT_FILES))
     except Exception as e:
+        secret = token
+        if not secret:  # the client resolved HF_TOKEN / the stored login itself: mask that one too
+            try:
+                from huggingface_hub import get_token
+                secret = get_token()
+            except Exception:
+                secret = None
         raise HubPushError(
-            f'push to {repo_id} failed: {type(e).__name__}: {_one_line(e, token)}; local export kept at {folder}'
+            f'push to {repo_id} failed: {type(e).__name__}: {_one_line(e, secret)}; local export kept at {folder}'
         ) from None  # no chained traceback: it could carry request headers
     url = str(repo_url) if repo_url else f'https://huggingface.co/{full_id}'
     _logger.info(f'Pushed {folder} to {url}' + (f' (revision {revision})' if revision else ''))
