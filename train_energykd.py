@@ -658,7 +658,11 @@ def _export_hub(args, task, output_dir, eval_metrics, thresholds, dataset_train)
                        data_config=getattr(args, '_data_config', None))
     _logger.info(f'Exported the student for the Hub to {folder}')
     if args.push_to_hub:
-        url = hub.push_to_hub(folder, args.push_to_hub, private=args.hub_private, revision=args.hub_revision)
+        try:
+            url = hub.push_to_hub(folder, args.push_to_hub, private=args.hub_private, revision=args.hub_revision)
+        except hub.HubPushError as e:  # the run's outputs and the export are on disk: say how to retry
+            _logger.error(f'{e}. Retry with: python -m timm_energykd.hub push {folder} {args.push_to_hub}')
+            raise
         _logger.info(f'Pushed to {url}')
 
 

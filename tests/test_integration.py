@@ -195,6 +195,7 @@ def test_trainer_push_failure_keeps_export_and_never_leaks_token(run, tmp_path, 
     for p in folder.rglob('*'):
         assert TOKEN.encode() not in p.read_bytes(), p
     assert TOKEN not in caplog.text
+    assert f'Retry with: python -m timm_energykd.hub push {folder} someuser/energykd-student' in caplog.text
     # the standalone push command: exit code 1, one clear line, token masked
     monkeypatch.setenv('MY_TOKEN', TOKEN)
     assert hub.main(['push', str(folder), 'someuser/energykd-student', '--token-env', 'MY_TOKEN']) == 1
