@@ -201,6 +201,35 @@ def test_trainer_push_failure_keeps_export_and_never_leaks_token(run, tmp_path, 
     assert hub.main(['push', str(folder), 'someuser/energykd-student', '--token-env', 'MY_TOKEN']) == 1
 
 
+def test_trainer_push_success_passes_private_and_revision(run, tmp_path, monkeypatch):
+    import huggingface_hub
+    calls = []
+
+    class Api:
+        def __init__(self, token=None, **kwargs):
+            calls.append(('init', token))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(('create_repo', repo_id, kwargs.get('private')))
+            return huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}')
+
+        def create_branch(self, repo_id, branch=None, **kwargs):
+            calls.append(('create_branch', branch))
+
+        def upload_folder(self, folder_path=None, revision=None, **kwargs):
+            calls.append(('upload_folder', sorted(p.name for p in Path(folder_path).iterdir()), revision))
+
+    monkeypatch.setattr(huggingface_hub, 'HfApi', Api)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    args, _ = parse_args(run['argv'] + ['--export-hub', str(tmp_path / 'e'), '--push-to-hub', 'someuser/s',
+                                        '--hub-private', '--hub-revision', 'v1'])
+    r = run['result']
+    train_energykd._export_hub(args, r['task'], str(run['out']), r['eval_metrics'], r['thresholds'], None)
+    assert calls == [('init', None), ('create_repo', 'someuser/s', True), ('create_branch', 'v1'),
+                     ('upload_folder', ['README.md', 'config.json', 'model.safetensors'], 'v1')]
+    assert "hf-hub:someuser/s'" in (tmp_path / 'e' / 'README.md').read_text()
+
+
 def test_cli_push_failure_message(run, monkeypatch, capsys):
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, 'HfApi', _FailingApi)
