@@ -103,11 +103,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--variants', nargs='+', default=None, help='run only these variants (names as in the table)')
     p.add_argument('--train-args', default='',
                    help='extra trainer flags for every run, one quoted string, e.g. "--amp --amp-dtype bfloat16"')
+    p.add_argument('--distill-args', default='',
+                   help='extra trainer flags for the runs with a teacher only, e.g. "--task-loss-weight 0.1 '
+                        '--distill-loss-weight 0.9"')
+    p.add_argument('--jobs', type=int, default=1,
+                   help='student runs at once (subprocess launcher; small models leave a big GPU mostly idle)')
     p.add_argument('--launcher', choices=['subprocess', 'inprocess'], default=None,
                    help='subprocess (default): one python per run; inprocess: train_energykd.main(argv) '
                         '(default with --tiny, saves the import time)')
     p.add_argument('--python', default=sys.executable, help='interpreter for subprocess runs')
     p.add_argument('--force', action='store_true', help='rerun runs that already finished')
+    p.add_argument('--report-only', action='store_true',
+                   help='launch nothing: tabulate the runs already finished in --output (e.g. after a time limit)')
     p.add_argument('--dry-run', action='store_true', help='print the trainer commands and stop')
     args = p.parse_args(argv)
     _resolve_args(args)
@@ -144,6 +151,11 @@ def _resolve_args(args: argparse.Namespace) -> None:
             raise ValueError('--data-dir: required (an ImageFolder with train/ and validation/ or val/), or use --tiny')
         _check_data_dir(args.data_dir)
     args.train_args_list = shlex.split(args.train_args)
+    args.distill_args_list = shlex.split(args.distill_args)
+    if args.jobs < 1:
+        raise ValueError(f'--jobs: expected a positive integer, got {args.jobs}')
+    if args.jobs > 1 and args.launcher == 'inprocess':
+        raise ValueError('--jobs: parallel runs need --launcher subprocess')
     variant_flags(args)  # validates --variants / --extra-losses names early
 
 
@@ -203,7 +215,7 @@ def student_argv(args, base: List[str], name: str, flags: Optional[List[str]], s
     argv = base + ['--model', args.student, '--epochs', str(args.epochs), '--seed', str(seed),
                    '--experiment', f'{name}-s{seed}']
     if flags is not None:
-        argv += ['--teacher', args.teacher, '--teacher-checkpoint', teacher_ckpt] + flags
+        argv += ['--teacher', args.teacher, '--teacher-checkpoint', teacher_ckpt] + args.distill_args_list + flags
     return argv
 
 
@@ -259,6 +271,8 @@ def run_one(args: argparse.Namespace, name: str, argv: List[str], epochs: int) -
     if done is not None:
         print(f'[{experiment}] finished before, kept: final top-1 {done["final_top1"]:.2f}')
         return {**record, **done, 'status': 'kept'}
+    if args.report_only:
+        return {**record, 'status': 'missing'}
     if run_dir.exists():
         # an unfinished or forced run: timm appends to summary.csv, so start clean (the old one is kept aside)
         stale = run_dir.with_name(f'{run_dir.name}.stale-{int(time.time())}')
@@ -280,7 +294,7 @@ def aggregate(runs: List[Dict[str, Any]], order: Sequence[str]) -> List[Dict[str
     rows = []
     for name in order:
         ok = [r for r in runs if r['variant'] == name and r['status'] in ('ran', 'kept')]
-        failed = [r for r in runs if r['variant'] == name and r['status'] == 'failed']
+        failed = [r for r in runs if r['variant'] == name and r['status'] in ('failed', 'missing')]
         fm, fs = mean_std([r['final_top1'] for r in ok])
         bm, bs = mean_std([r['best_top1'] for r in ok])
         rows.append(dict(variant=name, n=len(ok), failed=len(failed), final_mean=fm, final_std=fs,
@@ -292,7 +306,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     def pm(m, s):
         return 'n/a' if m != m else f'{m:.2f} ± {s:.2f}'
     return markdown_table(
-        ['variant', 'seeds', 'final top-1 (mean ± std)', 'best top-1 (mean ± std)', 'final per seed', 'failed'],
+        ['variant', 'seeds', 'final top-1 (mean ± std)', 'best top-1 (mean ± std)', 'final per seed', 'failed or missing'],
         [[r['variant'], r['n'], pm(r['final_mean'], r['final_std']), pm(r['best_mean'], r['best_std']),
           ' '.join(f'{v:.2f}' for v in r['finals']), r['failed'] or ''] for r in rows])
 
@@ -347,11 +361,19 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         teacher_record = run_one(args, 'teacher', teacher_argv(args, base), args.teacher_epochs)
         runs.append(teacher_record)
         ckpt = str(Path(teacher_record['run_dir']) / 'model_best.pth.tar')
-        if teacher_record['status'] == 'failed' or not os.path.isfile(ckpt):
+        if args.report_only and teacher_record['status'] == 'missing':
+            pass
+        elif teacher_record['status'] == 'failed' or not os.path.isfile(ckpt):
             raise RuntimeError(f'teacher run failed or wrote no {ckpt}; see {teacher_record.get("log")}')
-    for seed in args.seeds:  # seeds outermost: a cut-short session still has every variant at seed 0
-        for name, flags in variants.items():
-            runs.append(run_one(args, name, student_argv(args, base, name, flags, seed, ckpt), args.epochs))
+    # seeds outermost: a cut-short session still has every variant at seed 0
+    jobs = [(name, student_argv(args, base, name, flags, seed, ckpt))
+            for seed in args.seeds for name, flags in variants.items()]
+    if args.jobs == 1:
+        runs += [run_one(args, name, argv, args.epochs) for name, argv in jobs]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job is a trainer subprocess
+            runs += list(pool.map(lambda j: run_one(args, j[0], j[1], args.epochs), jobs))
 
     order = (['teacher'] if teacher_record else []) + list(variants)
     rows = aggregate(runs, order)

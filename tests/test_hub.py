@@ -140,8 +140,10 @@ def test_model_card_records_run_info(exported):
         'Teacher': 'resnet50', 'Distillation loss': 'energy_kd', 'KD temperature T': '4',
         'Energy temperature T_E': '4', 'Threshold rate r': '0.2', 'Temperature direction': 'reverse',
         'Temperature policy': 'two_bin', 'Delta for low-energy samples': '2',
-        'Delta for high-energy samples': '-2', 'Gradation bins': '1', 'Minimum temperature': '1',
-        'Maximum temperature': '8', 'Threshold calibration': 'train', 'HE-DA': 'enabled', 'HE-DA rate': '0.4',
+        'Delta for high-energy samples': '-2', 'Threshold calibration': 'train', 'HE-DA': 'enabled',
+        'HE-DA rate': '0.4',
+        # reverse direction: the low-energy group gets T + T(-), the high-energy group T + T(+)
+        'Temperature of low-energy samples (E <= low)': '2', 'Temperature of high-energy samples (E > high)': '6',
         'Task (CE) loss weight': '0.1', 'Distillation loss weight': '0.9', 'Dataset': 'torch/cifar100',
         'Epochs': '2', 'Batch size': '4', 'Learning rate': '0.05', 'Seed': '42',
         'Low-energy threshold': '-11.25', 'High-energy threshold': '-6.5', 'Calibration samples N': '64',
@@ -150,8 +152,8 @@ def test_model_card_records_run_info(exported):
     for label, value in expected.items():
         assert f'- **{label}:** {value}\n' in card, label
     assert '| top-1 (%) | 61.23 |' in card and '| top-5 (%) | 93.50 |' in card
-    # DKD knobs are not shown for a non-DKD loss; local paths are not published
-    assert 'DKD alpha' not in card
+    # DKD knobs are not shown for a non-DKD loss, nor the gradation policy's for two_bin; no local paths
+    assert 'DKD alpha' not in card and 'Gradation bins' not in card and 'Minimum temperature' not in card
     assert '/home/alice' not in card
     assert "timm.create_model('hf-hub:" in card and 'import timm_energykd' not in card  # native arch
 
@@ -372,3 +374,20 @@ def test_card_usage_imports_plugin_only_for_plugin_architectures():
     assert hub._needs_plugin('cifar_arch_not_registered_here')
     card = hub.build_model_card({}, None, architecture='cifar_arch_not_registered_here', num_classes=10)
     assert 'import timm_energykd' in card
+
+
+def test_card_policy_and_trainer_he_da_values():
+    """The trainer stores --he-da as 'off'/'cutmix'/'mixup' and both policies' flags in every run."""
+    base = dict(RUN_INFO, he_da='off', temp_direction='paper', dataset='', data_dir='/home/alice/imgs')
+    card = hub.build_model_card(base, None, architecture='test_resnet', num_classes=5)
+    assert '- **HE-DA:** disabled\n' in card and 'HE-DA rate' not in card
+    assert '- **Dataset:** image folder\n' in card and '/home/alice' not in card
+    assert '- **Temperature of low-energy samples (E <= low):** 6\n' in card
+    card = hub.build_model_card(dict(base, he_da='cutmix', temp_policy='gradation', gradation_bins=10,
+                                     temp_min=2.0, temp_max=6.0,
+                                     he_da_thresholds={'high': -3.25, 'rate': 0.4}),
+                                None, architecture='test_resnet', num_classes=5)
+    assert '- **HE-DA:** cutmix\n' in card and '- **HE-DA rate:** 0.4\n' in card
+    assert '- **HE-DA high threshold (rate 0.4):** -3.25\n' in card
+    assert '- **Gradation bins:** 10\n' in card and '- **Maximum temperature:** 6\n' in card
+    assert 'Delta for low-energy' not in card and 'Temperature of low-energy' not in card

@@ -219,3 +219,40 @@ def test_hub_style_round_trip_through_local_dir(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def _task_input(name):
+    # CIFAR models at 32 px; the ImageNet ShuffleNetV2 at 64 px (its strides leave 2x2 before the pool)
+    size = 64 if name.startswith('shufflenetv2_') else 32
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_works_as_teacher_and_as_student_in_the_task(name):
+    """Every registered model as the student (forward + backward) and as the teacher (frozen, eval) of
+    EnergyDistillationTask, each paired with a small partner (cifar_resnet8 / timm's test_resnet)."""
+    from timm_energykd.task import EnergyDistillationTask
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batch of 2: one thread is fastest, and immune to a busy shared machine
+    try:
+        _teacher_and_student_steps(name, EnergyDistillationTask)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _teacher_and_student_steps(name, EnergyDistillationTask):
+    partner = 'test_resnet' if name.startswith('shufflenetv2_') else 'cifar_resnet8'
+    x = _task_input(name)
+    y = torch.tensor([0, 2])
+    torch.manual_seed(0)
+    for student_name, teacher_name in ((name, partner), (partner, name)):
+        student = timm.create_model(student_name, num_classes=3)
+        teacher = timm.create_model(teacher_name, num_classes=3)
+        task = EnergyDistillationTask(student, teacher, nn.CrossEntropyLoss(), distill_loss='energy_kd',
+                                      threshold_mode='batch', verbose=False)
+        task.train()
+        out = task(x, y)
+        assert out['output'].shape == (2, 3) and torch.isfinite(out['loss'])
+        out['loss'].backward()
+        assert all(p.grad is not None for p in student.parameters() if p.requires_grad), student_name
+        assert not teacher.training and all(p.grad is None for p in teacher.parameters()), teacher_name

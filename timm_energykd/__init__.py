@@ -1,14 +1,15 @@
 """timm-energykd: energy-based knowledge distillation for timm.
 
 Importing the package registers its model architectures in timm's registry and its distillation losses
-in the loss registry, so `timm.create_model('cifar_resnet8x4')` and `create_distill_loss('energy_kd')`
-work after `import timm_energykd`.
+(the paper's and the peers') in the loss registry, so `timm.create_model('cifar_resnet8x4')` and
+`create_distill_loss('energy_kd')` work after `import timm_energykd`. The Hub release path is
+`timm_energykd.hub` (imported on use; `python -m timm_energykd.hub export|push`).
 """
 __version__ = '0.1.0'
 
 from .losses import (
     DistillLoss, register_distill_loss, create_distill_loss, list_distill_losses, is_distill_loss,
-    kd_loss_per_sample,
+    kd_loss_per_sample, dkd_loss_per_sample, KDLoss, EnergyKDLoss, DKDLoss, EnergyDKDLoss,
 )
 from .energy import (
     energy_score, threshold_indices, EnergyThresholds, calibrate_thresholds, BatchQuantileThresholds,
@@ -17,7 +18,6 @@ from .energy import (
 from .temperature import TwoBinTemperature, GradedTemperature, create_temperature_policy
 from .mixing import HighEnergyMix, MixResult
 from .task import EnergyDistillationTask
-from .losses import dkd_loss_per_sample, KDLoss, EnergyKDLoss, DKDLoss, EnergyDKDLoss
 from . import models
 from . import peer_losses
 from .data import long_tailed_indices, TransformSubset, create_train_eval_datasets

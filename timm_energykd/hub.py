@@ -36,7 +36,7 @@ import torch.nn as nn
 
 __all__ = [
     'HubPushError', 'export_for_hub', 'push_to_hub', 'build_model_card', 'load_training_output',
-    'export_from_training_output', 'CARD_KEYS',
+    'export_from_training_output', 'read_summary_metrics', 'CARD_KEYS',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ _SECRET_KEY_RE = re.compile(r'token|secret|password|passwd|api_?key|credential|a
 # run_info keys holding local filesystem paths: not published (privacy), only their base name where
 # the name itself says something (a teacher checkpoint file name).
 _PATH_KEYS = ('data_dir', 'data', 'output', 'resume', 'initial_checkpoint', 'config', 'export_hub',
-              'log_wandb', 'class_map', 'dataset_download', 'threshold_cache', 'energy_cache')
+              'log_wandb', 'class_map', 'dataset_download', 'threshold_cache', 'energy_cache',
+              'calibration_cache')
 _BASENAME_KEYS = ('teacher_checkpoint',)
 
 # Model-card sections: (title, [(run_info key, label)]). Keys absent from run_info are left out.
@@ -88,6 +89,8 @@ CARD_KEYS = {
         ('temp_policy', 'Temperature policy'),
         ('temp_delta_low', 'Delta for low-energy samples'),
         ('temp_delta_high', 'Delta for high-energy samples'),
+        ('temp_low', 'Explicit low-energy temperature'),
+        ('temp_high', 'Explicit high-energy temperature'),
         ('gradation_bins', 'Gradation bins'),
         ('temp_min', 'Minimum temperature'),
         ('temp_max', 'Maximum temperature'),
@@ -96,9 +99,13 @@ CARD_KEYS = {
     'High-energy data augmentation (HE-DA)': [
         ('he_da', 'HE-DA'),
         ('he_da_rate', 'HE-DA rate'),
+        ('he_da_selection', 'HE-DA selection'),
+        ('he_da_alpha', 'HE-DA Beta(alpha, alpha)'),
+        ('he_da_weight', 'HE-DA loss weight'),
     ],
     'Training': [
         ('dataset', 'Dataset'),
+        ('imbalance_factor', 'Long-tail imbalance factor'),
         ('epochs', 'Epochs'),
         ('batch_size', 'Batch size'),
         ('lr', 'Learning rate'),
@@ -118,7 +125,7 @@ _THRESHOLD_KEYS = (
 )
 # keys consumed elsewhere in the card (or deliberately unpublished); the rest go to "Other settings"
 _HANDLED_KEYS = {k for rows in CARD_KEYS.values() for k, _ in rows} | {
-    'thresholds', 'push_to_hub', 'hub_repo_id', 'hub_private', 'hub_revision', 'license', 'num_classes',
+    'thresholds', 'he_da_thresholds', 'push_to_hub', 'hub_repo_id', 'hub_private', 'hub_revision', 'license', 'num_classes',
     'input_size', 'img_size', 'in_chans', 'mean', 'std', 'interpolation', 'crop_pct', 'crop_mode',
 }
 
@@ -139,9 +146,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _public_run_info(run_info: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """run_info without credentials and with local paths reduced (see _PATH_KEYS / _BASENAME_KEYS)."""
     out = {}
-    for key, value in (run_info or {}).items():
+    run_info = run_info or {}
+    for key, value in run_info.items():
         key = str(key)
-        if _SECRET_KEY_RE.search(key) or key in _PATH_KEYS or value is None:
+        if key == 'dataset' and value in ('', None) and (run_info.get('data_dir') or run_info.get('data')):
+            value = 'image folder'  # timm: an empty --dataset means an ImageFolder under --data-dir
+        if _SECRET_KEY_RE.search(key) or key in _PATH_KEYS or value is None or value == '':
             continue
         if key in _BASENAME_KEYS:
             value = Path(str(value)).name
@@ -157,6 +167,24 @@ def _is_energy_loss(name: Any) -> bool:
     if cls is not None and hasattr(cls, 'uses_energy_temperature'):
         return bool(cls.uses_energy_temperature)
     return 'energy' in str(name).lower()
+
+
+def _he_da_enabled(value: Any) -> bool:
+    # the trainer stores --he-da as 'off' / 'cutmix' / 'mixup'; library callers may pass a bool
+    return value not in (None, False, 0, '', 'off', 'none', 'False', 'false')
+
+
+def _group_temperatures(info: Dict[str, Any]) -> Optional[tuple]:
+    """(low-energy group T, high-energy group T) the two-bin policy applied, direction included."""
+    try:
+        base = float(info['kd_temperature'])
+        t_low = float(info['temp_low']) if info.get('temp_low') is not None else base + float(info['temp_delta_low'])
+        t_high = float(info['temp_high']) if info.get('temp_high') is not None else base + float(info['temp_delta_high'])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if info.get('temp_direction') == 'reverse':
+        t_low, t_high = t_high, t_low
+    return t_low, t_high
 
 
 def _is_dkd_loss(name: Any) -> bool:
@@ -280,7 +308,11 @@ def build_model_card(
     lines.append('')
 
     energy_run = _is_energy_loss(loss) if loss else any(k in info for k in ('energy_temperature', 'energy_rate'))
-    he_da = bool(info.get('he_da'))
+    he_da = _he_da_enabled(info.get('he_da'))
+    gradation = info.get('temp_policy') == 'gradation'
+    # rows of the policy that was not used are left out (every run's args hold both policies' flags)
+    skip = {'gradation_bins', 'temp_min', 'temp_max'} if 'temp_policy' in info and not gradation else \
+        {'temp_delta_low', 'temp_delta_high', 'temp_low', 'temp_high'} if gradation else set()
     for title, rows in CARD_KEYS.items():
         if title == 'DKD' and not _is_dkd_loss(loss):
             continue  # DKD's knobs are in every run's args; only meaningful for DKD losses
@@ -290,14 +322,18 @@ def build_model_card(
             continue
         entries = []
         for key, label in rows:
-            if key not in info:
+            if key not in info or key in skip:
                 continue
-            if key == 'he_da_rate' and not he_da:
+            if key.startswith('he_da_') and not he_da:
                 continue
             value = info[key]
             if key == 'he_da':
-                value = 'enabled' if value else 'disabled'
+                value = ('enabled' if value is True else value) if he_da else 'disabled'
             entries.append(f'- **{label}:** {_fmt(value)}')
+        if title == 'Energy-based temperature' and not gradation and _group_temperatures(info):
+            t_low, t_high = _group_temperatures(info)
+            entries.append(f'- **Temperature of low-energy samples (E <= low):** {_fmt(t_low)}')
+            entries.append(f'- **Temperature of high-energy samples (E > high):** {_fmt(t_high)}')
         if entries:
             lines += [f'## {title}', ''] + entries + ['']
 
@@ -305,6 +341,9 @@ def build_model_card(
     if isinstance(thresholds, dict) and thresholds:
         entries = [f'- **{label}:** {_fmt(thresholds[k])}' for k, label in _THRESHOLD_KEYS
                    if thresholds.get(k) is not None]
+        he = (run_info or {}).get('he_da_thresholds')
+        if he_da and isinstance(he, dict) and he.get('high') is not None:
+            entries.append(f"- **HE-DA high threshold (rate {_fmt(he.get('rate'))}):** {_fmt(he['high'])}")
         if entries:
             lines += ['## Energy thresholds', '',
                       'Fixed for the whole run (samples with E <= low are low-energy, E > high high-energy).', '']
@@ -529,8 +568,15 @@ def push_to_hub(
             repo_id=full_id, folder_path=str(folder), revision=revision, commit_message=commit_message,
             create_pr=create_pr, allow_patterns=list(_EXPORT_FILES))
     except Exception as e:
+        secret = token
+        if not secret:  # the client resolved HF_TOKEN / the stored login itself: mask that one too
+            try:
+                from huggingface_hub import get_token
+                secret = get_token()
+            except Exception:
+                secret = None
         raise HubPushError(
-            f'push to {repo_id} failed: {type(e).__name__}: {_one_line(e, token)}; local export kept at {folder}'
+            f'push to {repo_id} failed: {type(e).__name__}: {_one_line(e, secret)}; local export kept at {folder}'
         ) from None  # no chained traceback: it could carry request headers
     url = str(repo_url) if repo_url else f'https://huggingface.co/{full_id}'
     _logger.info(f'Pushed {folder} to {url}' + (f' (revision {revision})' if revision else ''))
@@ -554,20 +600,33 @@ def _find_thresholds(state: Any) -> Optional[Dict[str, Any]]:
     return None
 
 
-def _read_summary(path: Path, epoch: Optional[int]) -> Optional[Dict[str, Any]]:
-    if not path.is_file():
+def _summary_rows(path: Path) -> List[Dict[str, str]]:
+    if not Path(path).is_file():
+        return []
+    with Path(path).open(newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def read_summary_metrics(path: Union[str, Path], epoch: Optional[int], ema: bool = False) -> Optional[Dict[str, Any]]:
+    """top1 / top5 / loss of one epoch from a timm ``summary.csv`` (``None`` when absent).
+
+    Args:
+        path: the ``summary.csv`` file.
+        epoch: the epoch (checkpoint's ``epoch``) whose row to read.
+        ema: read the EMA model's columns (``eval_ema_top1``... as train_energykd.py writes them) instead
+            of ``eval_top1``...
+    """
+    if epoch is None:
         return None
-    with path.open(newline='') as f:
-        rows = list(csv.DictReader(f))
-    row = None
-    if epoch is not None:
-        row = next((r for r in rows if r.get('epoch') not in (None, '') and int(float(r['epoch'])) == int(epoch)), None)
+    row = next((r for r in _summary_rows(Path(path))
+                if r.get('epoch') not in (None, '') and int(float(r['epoch'])) == int(epoch)), None)
     if row is None:
         return None
+    prefix = 'eval_ema_' if ema else 'eval_'
     out = {}
-    for key in ('eval_top1', 'eval_top5', 'eval_loss'):
+    for key in ('top1', 'top5', 'loss'):
         try:
-            out[key.replace('eval_', '')] = float(row[key])
+            out[key] = float(row[prefix + key])
         except (KeyError, TypeError, ValueError):
             pass
     if out:
@@ -581,8 +640,10 @@ def load_training_output(source: Union[str, Path], weights: str = 'auto'):
     Args:
         source: output folder holding ``args.yaml`` and ``model_best.pth.tar`` / ``last.pth.tar``, or a
             checkpoint file (its folder is searched for ``args.yaml`` and ``summary.csv``).
-        weights: ``'auto'`` (EMA weights when the checkpoint has them: timm's train.py evaluates, and
-            picks its best checkpoint by, the EMA model when EMA is on), ``'model'`` or ``'ema'``.
+        weights: ``'auto'``: the weights the run evaluated in ``eval_top1`` and picked its best
+            checkpoint by: the EMA when the checkpoint has one and summary.csv has no ``eval_ema_*``
+            columns (timm's train.py), else the plain model (train_energykd.py logs the EMA separately
+            as ``eval_ema_*``); or ``'model'`` / ``'ema'``.
 
     Returns:
         ``(state_dict, run_info, metrics, weights_used)``; metrics is None when summary.csv has no row for
@@ -608,26 +669,38 @@ def load_training_output(source: Union[str, Path], weights: str = 'auto'):
     if not isinstance(run_info, dict):
         raise ValueError(f'{args_path} does not hold a mapping of arguments')
 
-    # weights_only=True: tensors and plain containers only, no arbitrary objects are unpickled
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    # weights_only=True: tensors and plain containers only (plus the argparse.Namespace timm's checkpoint
+    # saver stores as 'args'); no arbitrary objects are unpickled
+    from .io import load_checkpoint_file
+    ckpt = load_checkpoint_file(ckpt_path, flag='export source')
     if not isinstance(ckpt, dict):
         raise ValueError(f'{ckpt_path} is not a timm checkpoint (expected a dict)')
     has_ema = isinstance(ckpt.get('state_dict_ema'), dict)
     if weights == 'ema' and not has_ema:
         raise ValueError(f'--weights ema: {ckpt_path} has no state_dict_ema')
-    use_ema = weights == 'ema' or (weights == 'auto' and has_ema)
+    summary = folder / 'summary.csv'
+    rows = _summary_rows(summary)
+    # train_energykd.py logs the EMA's metrics in separate eval_ema_* columns and picks its best checkpoint
+    # by the plain model; timm's train.py logs (and picks by) the EMA's metrics in eval_* when EMA is on.
+    ema_columns = bool(rows) and any(k.startswith('eval_ema_') for k in rows[0])
+    use_ema = weights == 'ema' or (weights == 'auto' and has_ema and not ema_columns)
     state_dict = ckpt['state_dict_ema'] if use_ema else ckpt.get('state_dict', ckpt)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f'{ckpt_path} has no usable state_dict')
     state_dict = {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
-    thresholds = _find_thresholds(ckpt.get('task_state'))
+    task_state = ckpt.get('task_state')
+    thresholds = _find_thresholds(task_state)
     if thresholds:  # the values the run actually used win over anything in args.yaml
         run_info['thresholds'] = thresholds
+    he_thresholds = _find_thresholds(task_state.get('he_da_thresholds')) if isinstance(task_state, dict) else None
+    if he_thresholds:
+        run_info['he_da_thresholds'] = he_thresholds
     metrics = None
-    evaluated_ema = has_ema  # timm's train.py reports the EMA's eval metrics when EMA is on
-    if use_ema == evaluated_ema:
-        metrics = _read_summary(folder / 'summary.csv', ckpt.get('epoch'))
+    if ema_columns:
+        metrics = read_summary_metrics(summary, ckpt.get('epoch'), ema=use_ema)
+    elif use_ema == has_ema:  # timm's train.py: eval_* are the EMA's metrics when EMA is on
+        metrics = read_summary_metrics(summary, ckpt.get('epoch'))
     elif weights == 'model':
         _logger.warning('Exporting the non-EMA weights: summary.csv holds the EMA metrics, so none are recorded.')
     return state_dict, run_info, metrics, ('ema' if use_ema else 'model')
@@ -695,7 +768,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument('source', help='timm output folder (args.yaml + model_best.pth.tar/last.pth.tar) or a checkpoint')
     ex.add_argument('export_dir', help='folder to write model.safetensors, config.json, README.md')
     ex.add_argument('--weights', default='auto', choices=('auto', 'model', 'ema'),
-                    help='auto: EMA weights when the checkpoint has them (default)')
+                    help='auto (default): the weights the run picked its best checkpoint by (EMA for timm\'s train.py with '
+                         'EMA on, the plain model for train_energykd.py)')
     ex.add_argument('--label-names', default=None, help='text file (one class name per line) or JSON list')
     ex.add_argument('--model', default=None, help='architecture when args.yaml lacks "model"')
     ps = sub.add_parser('push', help='upload an export folder to the Hugging Face Hub')
