@@ -112,10 +112,8 @@ def test_every_torch_load_in_the_code_is_weights_only():
     assert seen >= 2  # io.load_checkpoint_file, convert, hub
 
 
-@pytest.mark.xfail(strict=True, reason='hub.load_training_output calls torch.load(weights_only=True) without '
-                                       'allowing argparse.Namespace, so real timm/trainer checkpoints (which store '
-                                       'args) are refused; fix: read through timm_energykd.io.load_checkpoint_file')
 def test_hub_reads_a_real_training_checkpoint(tmp_path):
+    # timm / trainer checkpoints store args as an argparse.Namespace: allowed, and nothing else
     from timm_energykd import hub
     sd = timm.create_model('test_resnet', num_classes=4).state_dict()
     torch.save({'state_dict': sd, 'epoch': 0, 'args': argparse.Namespace(model='test_resnet')},
