@@ -368,6 +368,8 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
 
     elapsed = time.time() - t_start
     metrics = OrderedDict((k, v) for k, v in terms.items() if k != 'teacher_nonfinite')
+    if 'frac_low' in metrics and 'frac_high' in metrics:  # summary.csv: the three energy groups' shares
+        metrics['frac_mid'] = 1.0 - metrics['frac_low'] - metrics['frac_high']
     metrics['img_per_sec'] = seen * args.world_size / max(elapsed, 1e-9)
     metrics['epoch_time'] = elapsed
     return metrics, num_updates
@@ -501,7 +503,7 @@ def train(args, args_text: str) -> Dict[str, Any]:
                        device='cpu' if args.model_ema_force_cpu else None)
         ckpt = getattr(args, '_resume_ckpt', None)
         if ckpt is not None and 'state_dict_ema' in ckpt:
-            unwrap_model(task.get_trainable_module(ema=True)).module.load_state_dict(ckpt['state_dict_ema'])
+            unwrap_model(task.get_trainable_module(ema=True)).load_state_dict(ckpt['state_dict_ema'])
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         if task.has_ema():
