@@ -225,3 +225,23 @@ def test_resume_restores_model_optimizer_scheduler_ema_epoch(runs, monkeypatch):
     buf = [s['momentum_buffer'] for s in ckpt['optimizer']['state'].values()]
     assert buf and all(torch.equal(a['momentum_buffer'], b) for a, b in zip(seen['opt']['state'].values(), buf))
     assert seen['thresholds'] == ckpt['task_state']['thresholds']
+
+
+def test_recipes_name_a_target_number():
+    import re
+    for recipe in glob.glob(os.path.join(REPO, 'hparams', '*.yaml')):
+        header = ''.join(line for line in open(recipe) if line.startswith('#'))
+        assert re.search(r'Table|table|Source', header) and re.search(r'\d\d\.\d', header), recipe
+
+
+@pytest.mark.parametrize('recipe', sorted(glob.glob(os.path.join(REPO, 'hparams', 'cifar100_*_*_*.yaml'))))
+def test_cifar_table1_settings(recipe, tmp_path):
+    args, _ = parse_args(['--config', recipe, str(tmp_path)])
+    if args.teacher is None:
+        pytest.skip('teacher recipe')
+    small = args.model in ('cifar_mobilenetv2', 'cifar_shufflenetv2')
+    assert (args.opt, args.momentum, args.epochs, args.batch_size) == ('momentum', 0.9, 240, 64)
+    assert args.lr == (0.01 if small else 0.05)
+    assert (args.sched, list(args.decay_milestones), args.decay_rate) == ('multistep', [150, 180, 210], 0.1)
+    assert args.weight_decay == 5e-4 and args.warmup_epochs == 0
+    assert (args.task_loss_weight, args.distill_loss_weight, args.kd_temperature) == (0.1, 0.9, 4.0)
