@@ -236,6 +236,15 @@ def _calibrate(args, task, loader_calib, output_dir, num_samples, amp_dtype, dev
     return thresholds
 
 
+def _write_energy_plot(thresholds, path: str, teacher: str) -> None:
+    """Histogram of the teacher's calibration energies with both thresholds (skipped without a histogram)."""
+    from timm_energykd.plots import plot_energy_histogram
+    try:
+        plot_energy_histogram(thresholds, path, title=f'Teacher ({teacher}) energy, calibration set')
+    except (ValueError, KeyError, TypeError) as e:  # e.g. thresholds from an old cache without a histogram
+        _logger.warning(f'No energy histogram written: {e}')
+
+
 def _resume(args, task, model, optimizer, loss_scaler) -> Optional[int]:
     """Restore model, optimizer, AMP scaler, epoch and the task state (thresholds); EMA after setup_ema."""
     ckpt = load_checkpoint_file(args.resume, flag='--resume')
@@ -578,6 +587,9 @@ def train(args, args_text: str) -> Dict[str, Any]:
     elif thresholds is not None and args.rank == 0:
         _logger.info(f'Energy thresholds restored from the checkpoint: low={thresholds.low:.4f} '
                      f'high={thresholds.high:.4f}')
+
+    if thresholds is not None and args.rank == 0:
+        _write_energy_plot(thresholds, os.path.join(output_dir, 'energy_histogram.png'), args.teacher)
 
     # ---- checkpoints ----
     saver = None

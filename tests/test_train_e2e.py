@@ -66,7 +66,8 @@ def test_distill_each_loss(runs, loss, extra):
     exp = '-'.join([loss] + [e.strip('-') for e in extra])
     r = train_energykd.main(runs['distill'] + ['--distill-loss', loss, '--experiment', exp] + extra)
     d = r['output_dir']
-    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'energy_thresholds.json'):
+    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'energy_thresholds.json',
+                 'energy_histogram.png'):
         assert os.path.isfile(os.path.join(d, name)), name
     row = _summary(d)[0]
     for col in ('train_loss', 'train_task_loss', 'train_kd_loss', 'train_energy_mean', 'train_frac_low',

@@ -170,7 +170,9 @@ def demo_commands(data_dir, output_dir, cfg: DemoConfig = DEFAULT_DEMO, device: 
         str(data_dir), '--train-split', 'train', '--val-split', 'validation', '--img-size', str(cfg.img_size),
         '--num-classes', str(cfg.num_classes), '--device', device, '--workers', '0',
         '--batch-size', str(cfg.batch_size), '--opt', 'sgd', '--momentum', '0.9', '--weight-decay', '5e-4',
-        '--sched', 'cosine', '--warmup-epochs', '0', '--scale', '0.7', '1.0', '--output', str(output_dir),
+        '--sched', 'cosine', '--warmup-epochs', '0', '--output', str(output_dir),
+        # light augmentation (colours are random already): a mild crop + flip, as in the CIFAR recipes
+        '--scale', '0.8', '1.0', '--ratio', '0.9', '1.1', '--color-jitter', '0',
         '--log-interval', '20', '--seed', str(seed), '--checkpoint-hist', '1',
     ]
     teacher = common + ['--model', cfg.teacher, '--epochs', str(cfg.teacher_epochs), '--lr', str(cfg.teacher_lr),
