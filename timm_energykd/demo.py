@@ -11,7 +11,7 @@
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ['DEMO_CLASSES', 'DemoConfig', 'DEFAULT_DEMO', 'TINY_DEMO', 'make_shapes_dataset', 'write_image_folder',
-           'make_demo_imagefolder', 'demo_commands', 'run_demo']
+           'make_demo_imagefolder', 'demo_commands', 'format_results', 'run_demo']
 
 _logger = logging.getLogger(__name__)
 
