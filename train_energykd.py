@@ -296,6 +296,15 @@ def _calibrate(args, task, loader_calib, output_dir, num_samples, amp_dtype, dev
     return thresholds
 
 
+def _write_energy_plot(thresholds, path: str, teacher: str) -> None:
+    """Histogram of the teacher's calibration energies with both thresholds (skipped without a histogram)."""
+    from timm_energykd.plots import plot_energy_histogram
+    try:
+        plot_energy_histogram(thresholds, path, title=f'Teacher ({teacher}) energy, calibration set')
+    except (ValueError, KeyError, TypeError) as e:  # e.g. thresholds from an old cache without a histogram
+        _logger.warning(f'No energy histogram written: {e}')
+
+
 def _resume(args, task, model, optimizer, loss_scaler) -> Optional[int]:
     """Restore model, optimizer, AMP scaler, epoch and the task state (thresholds); EMA after setup_ema."""
     ckpt = load_checkpoint_file(args.resume, flag='--resume')
@@ -429,6 +438,8 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
 
     elapsed = time.time() - t_start
     metrics = OrderedDict((k, v) for k, v in terms.items() if k != 'teacher_nonfinite')
+    if 'frac_low' in metrics and 'frac_high' in metrics:  # summary.csv: the three energy groups' shares
+        metrics['frac_mid'] = 1.0 - metrics['frac_low'] - metrics['frac_high']
     metrics['img_per_sec'] = seen * args.world_size / max(elapsed, 1e-9)
     metrics['epoch_time'] = elapsed
     return metrics, num_updates
@@ -573,7 +584,7 @@ def train(args, args_text: str) -> Dict[str, Any]:
                        device='cpu' if args.model_ema_force_cpu else None)
         ckpt = getattr(args, '_resume_ckpt', None)
         if ckpt is not None and 'state_dict_ema' in ckpt:
-            unwrap_model(task.get_trainable_module(ema=True)).module.load_state_dict(ckpt['state_dict_ema'])
+            unwrap_model(task.get_trainable_module(ema=True)).load_state_dict(ckpt['state_dict_ema'])
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         if task.has_ema():
@@ -661,6 +672,9 @@ def train(args, args_text: str) -> Dict[str, Any]:
     elif thresholds is not None and args.rank == 0:
         _logger.info(f'Energy thresholds restored from the checkpoint: low={thresholds.low:.4f} '
                      f'high={thresholds.high:.4f}')
+
+    if thresholds is not None and args.rank == 0:
+        _write_energy_plot(thresholds, os.path.join(output_dir, 'energy_histogram.png'), args.teacher)
 
     # ---- checkpoints ----
     saver = None

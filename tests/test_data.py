@@ -1,4 +1,5 @@
 import math
+import os
 from collections import Counter
 
 import numpy as np
@@ -74,3 +75,57 @@ def test_shapes_dataset_is_deterministic():
     b, lb = make_shapes_dataset(3, size=16, num_classes=10, seed=0)
     assert a.shape == (30, 16, 16, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and np.array_equal(la, lb) and sorted(set(la.tolist())) == list(range(10))
+
+
+def _fake_cifar(root, name, per_class, num_classes, seed=0):  # noqa: D401
+    """A tiny dataset in torchvision's CIFAR pickle layout (no download); integrity check patched by the test."""
+    import pickle
+    import torchvision.datasets as tvd
+    cls = tvd.CIFAR10 if name == 'cifar10' else tvd.CIFAR100
+    label_key = 'labels' if name == 'cifar10' else 'fine_labels'
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    files = [f for f, _ in cls.train_list]
+    labels = rng.permutation(np.repeat(np.arange(num_classes), per_class)).tolist()
+    chunks = np.array_split(np.arange(len(labels)), len(files))
+    for f, idx in zip(files, chunks):
+        data = rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8)
+        with open(folder / f, 'wb') as fh:
+            pickle.dump({'data': data, label_key: [labels[i] for i in idx]}, fh)
+    for f, _ in cls.test_list:
+        with open(folder / f, 'wb') as fh:
+            pickle.dump({'data': rng.integers(0, 256, (num_classes, 3072), dtype=np.uint8),
+                         label_key: list(range(num_classes))}, fh)
+    with open(folder / cls.meta['filename'], 'wb') as fh:
+        pickle.dump({cls.meta['key']: [f'c{i}' for i in range(num_classes)]}, fh)
+    return cls
+
+
+@pytest.mark.parametrize('name,num_classes', [('cifar10', 10), ('cifar100', 100)])
+def test_torch_cifar_long_tailed_subset(tmp_path, monkeypatch, name, num_classes):
+    cls = _fake_cifar(tmp_path, name, per_class=6, num_classes=num_classes)
+    monkeypatch.setattr('torchvision.datasets.cifar.check_integrity', lambda *a, **k: True)
+    args = _Args(tmp_path, dataset=f'torch/{name}', train_split='train', val_split='validation',
+                 imbalance_factor=0.5, imbalance_seed=0)
+    train, val = create_train_eval_datasets(args)
+    assert isinstance(train, TransformSubset) and len(val) == num_classes  # the test split stays balanced
+    counts = Counter(dataset_targets(train))
+    assert [counts[c] for c in range(num_classes)] == _reference_counts(6, 0.5, num_classes)
+    again, _ = create_train_eval_datasets(args)
+    assert again.indices == train.indices  # deterministic
+    args.imbalance_seed = 1
+    other, _ = create_train_eval_datasets(args)
+    assert other.indices != train.indices and Counter(dataset_targets(other)) == counts
+
+
+@pytest.mark.slow
+def test_trainer_runs_on_torch_cifar10_lt(tmp_path, monkeypatch):
+    import train_energykd
+    cls = _fake_cifar(tmp_path / 'c10', 'cifar10', per_class=4, num_classes=10)
+    monkeypatch.setattr('torchvision.datasets.cifar.check_integrity', lambda *a, **k: True)
+    r = train_energykd.main([str(tmp_path / 'c10'), '--dataset', 'torch/cifar10', '--imbalance-factor', '0.5',
+                             '--model', 'cifar_resnet8', '--img-size', '32', '--batch-size', '8', '--epochs', '1',
+                             '--workers', '0', '--device', 'cpu', '--output', str(tmp_path / 'out'),
+                             '--experiment', 'lt'])
+    assert r['model'].num_classes == 10 and os.path.isfile(os.path.join(r['output_dir'], 'summary.csv'))

@@ -1,4 +1,5 @@
 """End-to-end runs of train_energykd.main on CPU with a tiny generated ImageFolder (in-process, workers 0)."""
+import copy
 import csv
 import glob
 import os
@@ -6,6 +7,7 @@ import os
 import pytest
 import torch
 import yaml
+from timm.utils.model import unwrap_model
 
 import train_energykd
 from timm_energykd.args import parse_args, validate_args
@@ -57,16 +59,23 @@ def test_teacher_run_outputs(runs):
 @pytest.mark.parametrize('loss,extra', [
     ('kd', []), ('energy_kd', []), ('dkd', ['--dkd-warmup', '1']), ('energy_dkd', []),
     ('energy_kd', ['--he-da', 'cutmix', '--he-da-rate', '0.4']),
+    ('energy_kd', ['--he-da', 'mixup']),
+    ('energy_kd', ['--temp-policy', 'gradation', '--gradation-bins', '4']),
 ])
 def test_distill_each_loss(runs, loss, extra):
-    exp = f'{loss}{"-heda" if extra and extra[0] == "--he-da" else ""}'
+    exp = '-'.join([loss] + [e.strip('-') for e in extra])
     r = train_energykd.main(runs['distill'] + ['--distill-loss', loss, '--experiment', exp] + extra)
     d = r['output_dir']
-    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'energy_thresholds.json'):
+    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'energy_thresholds.json',
+                 'energy_histogram.png'):
         assert os.path.isfile(os.path.join(d, name)), name
     row = _summary(d)[0]
-    for col in ('train_kd_loss', 'train_energy_mean', 'train_frac_low', 'train_frac_high', 'train_temp_mean'):
+    for col in ('train_loss', 'train_task_loss', 'train_kd_loss', 'train_energy_mean', 'train_frac_low',
+                'train_frac_mid', 'train_frac_high', 'train_temp_mean', 'train_img_per_sec', 'eval_loss', 'eval_top1',
+                'eval_top5', 'lr'):
         assert col in row and row[col] != '', col
+    shares = [float(row[f'train_frac_{g}']) for g in ('low', 'mid', 'high')]
+    assert min(shares) >= 0 and abs(sum(shares) - 1) < 1e-6
     if '--he-da' in extra:
         assert 'train_he_da_loss' in row
     ckpt = torch.load(os.path.join(d, 'last.pth.tar'), weights_only=False)
@@ -129,3 +138,111 @@ def test_recipes_parse_and_validate(recipe, tmp_path):
     args, _ = parse_args(['--config', recipe, str(tmp_path)])
     validate_args(args)
     assert args.model and args.epochs > 0
+
+
+@pytest.mark.slow
+def test_design_card_command_default_loss_is_energy_kd(runs):
+    # `train_energykd.py DATA --teacher X --model Y --energy-rate 0.3`: positional data dir, no --distill-loss
+    argv = [str(runs['data']), '--teacher', 'test_resnet', '--teacher-checkpoint', runs['ckpt'], '--model',
+            'test_resnet', '--energy-rate', '0.3'] + runs['common'][1:] + ['--epochs', '1', '--experiment', 'card']
+    r = train_energykd.main(argv)
+    assert type(r['task'].distill_loss).__name__ == 'EnergyKDLoss'
+    assert r['thresholds'].rate == 0.3
+    saved = yaml.safe_load(open(os.path.join(r['output_dir'], 'args.yaml')))
+    assert saved['energy_rate'] == 0.3 and saved['teacher'] == 'test_resnet'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode', ['batch', 'running'])
+def test_calibration_modes_need_no_dataset_pass(runs, mode, monkeypatch):
+    import timm_energykd.energy as energy
+    monkeypatch.setattr(energy, 'calibrate_thresholds', _fail('batch/running modes must not calibrate'))
+    r = train_energykd.main(runs['distill'] + ['--calibration', mode, '--experiment', f'calib-{mode}'])
+    row = _summary(r['output_dir'])[0]
+    assert float(row['train_frac_low']) > 0 and float(row['train_frac_high']) > 0
+    assert not os.path.exists(os.path.join(r['output_dir'], 'energy_thresholds.json'))
+
+
+def _fail(msg):
+    def f(*a, **k):
+        raise AssertionError(msg)
+    return f
+
+
+@pytest.mark.slow
+def test_calibration_cache_is_reused(runs, tmp_path, monkeypatch):
+    cache = tmp_path / 'thresholds.json'
+    first = train_energykd.main(runs['distill'] + ['--calibration-cache', str(cache), '--experiment', 'cache-1'])
+    assert cache.is_file()
+    import timm_energykd.energy as energy
+    monkeypatch.setattr(energy, 'calibrate_thresholds', _fail('a matching cache must be reused'))
+    second = train_energykd.main(runs['distill'] + ['--calibration-cache', str(cache), '--experiment', 'cache-2'])
+    assert second['thresholds'].to_dict() == first['thresholds'].to_dict()
+
+
+@pytest.mark.slow
+def test_ema_clip_grad_channels_last_bf16(runs):
+    extra = ['--model-ema', '--model-ema-decay', '0.9', '--clip-grad', '1.0', '--channels-last', '--amp',
+             '--amp-dtype', 'bfloat16']
+    r = train_energykd.main(runs['distill'] + extra + ['--experiment', 'features'])
+    row = _summary(r['output_dir'])[0]
+    assert row['eval_ema_top1'] != '' and row['train_loss'] != 'nan'
+    ckpt = torch.load(os.path.join(r['output_dir'], 'last.pth.tar'), weights_only=False)
+    assert 'state_dict_ema' in ckpt
+
+
+def test_torchcompile_path(runs):
+    # the `eager` dynamo backend exercises the --torchcompile code path without a C++ toolchain
+    r = train_energykd.main(runs['common'] + ['--model', 'test_resnet', '--epochs', '1', '--torchcompile', 'eager',
+                                              '--experiment', 'compile'])
+    assert os.path.isfile(os.path.join(r['output_dir'], 'last.pth.tar'))
+
+
+@pytest.mark.slow
+def test_resume_restores_model_optimizer_scheduler_ema_epoch(runs, monkeypatch):
+    extra = ['--model-ema', '--sched', 'step', '--decay-epochs', '1', '--decay-rate', '0.1', '--opt', 'sgd',
+             '--momentum', '0.9', '--experiment', 'resume-full']
+    first = train_energykd.main(runs['distill'] + extra + ['--epochs', '1'])
+    last = os.path.join(first['output_dir'], 'last.pth.tar')
+    ckpt = torch.load(last, weights_only=False)
+    seen = {}
+    real = train_energykd.train_one_epoch
+
+    def spy(epoch, task, loader, optimizer, *a, **k):
+        if not seen:
+            seen.update(epoch=epoch, lr=optimizer.param_groups[0]['lr'],
+                        model={k2: v.clone() for k2, v in task.get_trainable_module().state_dict().items()},
+                        ema={k2: v.clone() for k2, v in unwrap_model(task.get_trainable_module(ema=True)).state_dict().items()},
+                        opt=copy.deepcopy(optimizer.state_dict()), thresholds=task.thresholds.to_dict())
+        return real(epoch, task, loader, optimizer, *a, **k)
+    monkeypatch.setattr(train_energykd, 'train_one_epoch', spy)
+    train_energykd.main(runs['distill'] + extra + ['--epochs', '2', '--resume', last])
+    assert seen['epoch'] == 1
+    assert seen['lr'] == pytest.approx(0.05 * 0.1)  # the step scheduler is at epoch 1, not restarted
+    for k, v in ckpt['state_dict'].items():
+        assert torch.equal(seen['model'][k], v), k
+    for k, v in ckpt['state_dict_ema'].items():
+        assert torch.equal(seen['ema'][k], v), k
+    buf = [s['momentum_buffer'] for s in ckpt['optimizer']['state'].values()]
+    assert buf and all(torch.equal(a['momentum_buffer'], b) for a, b in zip(seen['opt']['state'].values(), buf))
+    assert seen['thresholds'] == ckpt['task_state']['thresholds']
+
+
+def test_recipes_name_a_target_number():
+    import re
+    for recipe in glob.glob(os.path.join(REPO, 'hparams', '*.yaml')):
+        header = ''.join(line for line in open(recipe) if line.startswith('#'))
+        assert re.search(r'Table|table|Source', header) and re.search(r'\d\d\.\d', header), recipe
+
+
+@pytest.mark.parametrize('recipe', sorted(glob.glob(os.path.join(REPO, 'hparams', 'cifar100_*_*_*.yaml'))))
+def test_cifar_table1_settings(recipe, tmp_path):
+    args, _ = parse_args(['--config', recipe, str(tmp_path)])
+    if args.teacher is None:
+        pytest.skip('teacher recipe')
+    small = args.model in ('cifar_mobilenetv2', 'cifar_shufflenetv2')
+    assert (args.opt, args.momentum, args.epochs, args.batch_size) == ('momentum', 0.9, 240, 64)
+    assert args.lr == (0.01 if small else 0.05)
+    assert (args.sched, list(args.decay_milestones), args.decay_rate) == ('multistep', [150, 180, 210], 0.1)
+    assert args.weight_decay == 5e-4 and args.warmup_epochs == 0
+    assert (args.task_loss_weight, args.distill_loss_weight, args.kd_temperature) == (0.1, 0.9, 4.0)

@@ -11,27 +11,62 @@
 import logging
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-__all__ = ['DEMO_CLASSES', 'make_shapes_dataset', 'write_image_folder', 'make_demo_imagefolder', 'run_demo']
+__all__ = ['DEMO_CLASSES', 'DemoConfig', 'DEFAULT_DEMO', 'TINY_DEMO', 'make_shapes_dataset', 'write_image_folder',
+           'make_demo_imagefolder', 'demo_commands', 'format_results', 'run_demo']
 
 _logger = logging.getLogger(__name__)
 
 DEMO_CLASSES = ('circle', 'square', 'diamond', 'ring', 'cross', 'triangle', 'h_stripes', 'v_stripes', 'checker',
                 'diagonal')
 
-# Demo sizes, chosen so the whole demo takes about 3 minutes on 2 CPU cores.
-DEMO_TEACHER = 'resnet18'
-DEMO_STUDENT = 'test_resnet'
-DEMO_TEACHER_EPOCHS = 6
-DEMO_STUDENT_EPOCHS = 6
-DEMO_TRAIN_PER_CLASS = 120
-DEMO_VAL_PER_CLASS = 40
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the offline demo (every field becomes an ordinary trainer flag).
+
+    Args:
+        teacher: Teacher architecture (one of the project's CIFAR models, registered by ``import timm_energykd``).
+        student: Student architecture.
+        teacher_epochs: Epochs of the plain teacher run.
+        student_epochs: Epochs of each distillation run (KD and Energy KD).
+        train_per_class: Generated train images per class.
+        val_per_class: Generated validation images per class.
+        img_size: Image side in pixels.
+        num_classes: Number of shape classes (at most ``len(DEMO_CLASSES)``).
+        batch_size: Batch size of every run.
+        teacher_lr: SGD learning rate of the teacher run.
+        student_lr: SGD learning rate of the distillation runs.
+        energy_rate: Energy KD rate ``r`` (share of the train set in each of the low / high groups).
+        noise: Std of the Gaussian pixel noise of the generated images (0..1 scale).
+    """
+    teacher: str = 'cifar_resnet14'
+    student: str = 'cifar_resnet8'
+    teacher_epochs: int = 12
+    student_epochs: int = 6
+    train_per_class: int = 120
+    val_per_class: int = 40
+    img_size: int = 32
+    num_classes: int = 10
+    batch_size: int = 32
+    teacher_lr: float = 0.1
+    student_lr: float = 0.1
+    energy_rate: float = 0.3
+    noise: float = 0.05
+
+
+# Chosen so the whole demo takes about 3 minutes on 2 CPU cores (see docs/TRAINING.md for the measurement).
+DEFAULT_DEMO = DemoConfig()
+# The same pipeline at toy size, for tests (seconds, accuracy meaningless).
+TINY_DEMO = DemoConfig(teacher='cifar_resnet8', student='cifar_resnet8', teacher_epochs=1, student_epochs=1,
+                       train_per_class=4, val_per_class=2, img_size=16, num_classes=4, batch_size=8)
 
 
 def _shape_mask(name: str, x: np.ndarray, y: np.ndarray, cx, cy, r, freq, phase) -> np.ndarray:
@@ -102,18 +137,18 @@ def write_image_folder(root, images: np.ndarray, labels: np.ndarray, class_names
     return root
 
 
-def make_demo_imagefolder(root, train_per_class: int = DEMO_TRAIN_PER_CLASS, val_per_class: int = DEMO_VAL_PER_CLASS,
-                          size: int = 32, num_classes: int = 10, seed: int = 0) -> Path:
+def make_demo_imagefolder(root, train_per_class: int = 120, val_per_class: int = 40,
+                          size: int = 32, num_classes: int = 10, seed: int = 0, noise: float = 0.12) -> Path:
     """``root/train`` and ``root/validation`` ImageFolders of the shapes dataset (skipped when complete)."""
     root = Path(root)
     marker = root / '.complete'
-    want = f'{train_per_class},{val_per_class},{size},{num_classes},{seed}'
+    want = f'{train_per_class},{val_per_class},{size},{num_classes},{seed},{noise}'
     if marker.is_file() and marker.read_text() == want:
         return root
     names = list(DEMO_CLASSES[:num_classes])
-    x, y = make_shapes_dataset(train_per_class, size, num_classes, seed=seed)
+    x, y = make_shapes_dataset(train_per_class, size, num_classes, seed=seed, noise=noise)
     write_image_folder(root / 'train', x, y, names)
-    x, y = make_shapes_dataset(val_per_class, size, num_classes, seed=seed + 1)
+    x, y = make_shapes_dataset(val_per_class, size, num_classes, seed=seed + 1, noise=noise)
     write_image_folder(root / 'validation', x, y, names)
     marker.write_text(want)
     return root
@@ -124,53 +159,100 @@ def _top1(result: Dict) -> float:
     return float(m.get('top1', float('nan')))
 
 
-def run_demo(args, train_fn: Callable[[List[str]], Dict]) -> Dict[str, Dict]:
-    """Run the demo; ``train_fn`` is the trainer's ``main(argv)``. Returns the per-run result dicts."""
+def demo_commands(data_dir, output_dir, cfg: DemoConfig = DEFAULT_DEMO, device: str = 'cpu', seed: int = 42,
+                  teacher_checkpoint: Optional[str] = None, export_hub: Optional[str] = None) -> Dict[str, List[str]]:
+    """The three trainer command lines of the demo (teacher, KD student, Energy KD student).
+
+    They are ordinary ``train_energykd.py`` argument lists: paste one after ``python train_energykd.py`` to
+    rerun that step by hand. The students use the paper's CIFAR loss weights (0.1 CE + 0.9 KD, T=4).
+    """
+    common = [
+        str(data_dir), '--train-split', 'train', '--val-split', 'validation', '--img-size', str(cfg.img_size),
+        '--num-classes', str(cfg.num_classes), '--device', device, '--workers', '0',
+        '--batch-size', str(cfg.batch_size), '--opt', 'sgd', '--momentum', '0.9', '--weight-decay', '5e-4',
+        '--sched', 'cosine', '--warmup-epochs', '0', '--output', str(output_dir),
+        # light augmentation (colours are random already): a mild crop + flip, as in the CIFAR recipes
+        '--scale', '0.8', '1.0', '--ratio', '0.9', '1.1', '--color-jitter', '0',
+        '--log-interval', '20', '--seed', str(seed), '--checkpoint-hist', '1',
+    ]
+    teacher = common + ['--model', cfg.teacher, '--epochs', str(cfg.teacher_epochs), '--lr', str(cfg.teacher_lr),
+                        '--experiment', 'teacher']
+    distill = common + [
+        '--model', cfg.student, '--epochs', str(cfg.student_epochs), '--lr', str(cfg.student_lr),
+        '--teacher', cfg.teacher, '--teacher-checkpoint', str(teacher_checkpoint or 'TEACHER_CKPT'),
+        '--task-loss-weight', '0.1', '--distill-loss-weight', '0.9', '--kd-temperature', '4',
+        '--energy-rate', str(cfg.energy_rate)]
+    kd = distill + ['--distill-loss', 'kd', '--experiment', 'student-kd']
+    ekd = distill + ['--distill-loss', 'energy_kd', '--temp-direction', 'paper', '--experiment', 'student-energy-kd']
+    if export_hub:
+        ekd += ['--export-hub', str(export_hub)]
+    return dict(teacher=teacher, kd=kd, energy_kd=ekd)
+
+
+def _energy_cols(result: Dict, output_dir_key: str = 'output_dir') -> str:
+    """Low / high share and mean temperature of the last epoch, from the run's summary.csv."""
+    import csv
+    path = os.path.join(result.get(output_dir_key) or '', 'summary.csv')
+    if not os.path.isfile(path):
+        return ''
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    row = rows[-1] if rows else {}
+    try:
+        return (f'{100 * float(row["train_frac_low"]):>5.0f}%/{100 * float(row["train_frac_high"]):>3.0f}%'
+                f'{float(row["train_temp_mean"]):>8.2f}')
+    except (KeyError, ValueError):
+        return ''
+
+
+def format_results(rows: Sequence, total_s: float, num_classes: int) -> str:
+    """The demo's results table (one line per run)."""
+    lines = ['', f'{"run":<20}{"model":<16}{"top-1":>8}{"top-5":>8}{"time (s)":>10}   {"low/high":>10}{"mean T":>8}']
+    for name, model, r in rows:
+        m = r.get('eval_metrics') or {}
+        lines.append(f'{name:<20}{model:<16}{_top1(r):>8.2f}{float(m.get("top5", float("nan"))):>8.2f}'
+                     f'{r["time_s"]:>10.1f}   {_energy_cols(r)}')
+    lines.append(f'total demo time: {total_s:.0f} s (chance top-1: {100 / num_classes:.0f}%)')
+    return '\n'.join(lines)
+
+
+def run_demo(args, train_fn: Callable[[List[str]], Dict], config: Optional[DemoConfig] = None) -> Dict[str, Dict]:
+    """Run the demo; ``train_fn`` is the trainer's ``main(argv)``. Returns the per-run result dicts.
+
+    ``config`` defaults to ``DEFAULT_DEMO``; ``args`` supplies ``output``, ``device`` and ``seed``.
+    """
     import torch
 
+    cfg = config or DEFAULT_DEMO
     t0 = time.time()
     base = Path(args.output or './output/demo') / datetime.now().strftime('%Y%m%d-%H%M%S')
-    data = make_demo_imagefolder(base / 'demo_data')
-    device = args.device if torch.cuda.is_available() else 'cpu'
-    common = [
-        str(data), '--train-split', 'train', '--val-split', 'validation', '--img-size', '32',
-        '--device', device, '--workers', '0', '--batch-size', '64', '--opt', 'sgd', '--lr', '0.05',
-        '--momentum', '0.9', '--weight-decay', '5e-4', '--sched', 'cosine', '--warmup-epochs', '0',
-        '--scale', '0.6', '1.0', '--output', str(base), '--log-interval', '10', '--seed', str(args.seed),
-        '--checkpoint-hist', '1',
-    ]
-    _logger.info(f'Demo: data in {data}; teacher {DEMO_TEACHER}, student {DEMO_STUDENT}')
+    data = make_demo_imagefolder(base / 'demo_data', train_per_class=cfg.train_per_class,
+                                 val_per_class=cfg.val_per_class, size=cfg.img_size, num_classes=cfg.num_classes,
+                                 seed=args.seed, noise=cfg.noise)
+    device = args.device if (str(args.device).startswith('cuda') and torch.cuda.is_available()) else 'cpu'
+    saved = base / 'student-energy-kd-hub'
+    _logger.info(f'Demo: {cfg.num_classes}-class shapes data in {data} ({cfg.train_per_class} train / '
+                 f'{cfg.val_per_class} val images per class); teacher {cfg.teacher}, student {cfg.student}')
+    cmds = demo_commands(data, base, cfg, device=device, seed=args.seed)
     results: Dict[str, Dict] = {}
-    results['teacher'] = train_fn(common + ['--model', DEMO_TEACHER, '--epochs', str(DEMO_TEACHER_EPOCHS),
-                                            '--experiment', 'teacher'])
+    results['teacher'] = train_fn(cmds['teacher'])
     teacher_ckpt = os.path.join(results['teacher']['output_dir'], 'model_best.pth.tar')
-    distill = common + ['--model', DEMO_STUDENT, '--epochs', str(DEMO_STUDENT_EPOCHS), '--teacher', DEMO_TEACHER,
-                        '--teacher-checkpoint', teacher_ckpt, '--task-loss-weight', '0.1',
-                        '--distill-loss-weight', '0.9', '--kd-temperature', '4']
-    results['kd'] = train_fn(distill + ['--distill-loss', 'kd', '--experiment', 'student-kd'])
-    ekd = distill + ['--distill-loss', 'energy_kd', '--temp-direction', 'paper', '--experiment', 'student-energy-kd']
-    try:
-        from . import hub  # noqa: F401
-        ekd += ['--export-hub', str(base / 'student-energy-kd-hub')]
-        saved = base / 'student-energy-kd-hub'
-    except ImportError:
-        saved = Path(results.get('kd', {}).get('output_dir', base)).parent / 'student-energy-kd' / 'model_best.pth.tar'
-    results['energy_kd'] = train_fn(ekd)
+    cmds = demo_commands(data, base, cfg, device=device, seed=args.seed, teacher_checkpoint=teacher_ckpt,
+                         export_hub=saved)
+    results['kd'] = train_fn(cmds['kd'])
+    results['energy_kd'] = train_fn(cmds['energy_kd'])
 
     from .plots import plot_energy_histogram
     plot_path = base / 'energy_histogram.png'
     thresholds = results['energy_kd'].get('thresholds')
     if thresholds is not None:
-        plot_energy_histogram(thresholds, plot_path)
+        plot_energy_histogram(thresholds, plot_path, title=f'Teacher ({cfg.teacher}) energy on the demo train set')
 
     total = time.time() - t0
-    rows = [('teacher', DEMO_TEACHER, results['teacher']), ('KD', DEMO_STUDENT, results['kd']),
-            ('Energy KD (paper)', DEMO_STUDENT, results['energy_kd'])]
-    lines = ['', f'{"run":<20}{"model":<14}{"top-1":>8}{"time (s)":>10}']
-    for name, model, r in rows:
-        lines.append(f'{name:<20}{model:<14}{_top1(r):>8.2f}{r["time_s"]:>10.1f}')
-    lines += [f'total demo time: {total:.0f} s', f'energy histogram: {plot_path}', f'student saved to: {saved}',
-              f'runs: {base}']
-    print('\n'.join(lines))
-    results['summary'] = dict(total_s=total, plot=str(plot_path), saved=str(saved), base=str(base))
+    rows = [('teacher', cfg.teacher, results['teacher']), ('student, KD', cfg.student, results['kd']),
+            ('student, Energy KD', cfg.student, results['energy_kd'])]
+    table = format_results(rows, total, cfg.num_classes)
+    print('\n'.join([table, f'energy histogram: {plot_path}', f'student saved to: {saved} '
+                      f"(load: timm.create_model('local-dir:{saved}'))", f'runs: {base}']))
+    results['summary'] = dict(total_s=total, plot=str(plot_path), saved=str(saved), base=str(base), table=table)
     return results

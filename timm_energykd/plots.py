@@ -86,7 +86,11 @@ def render_energy_histogram(
         x = x_of(min(max(v, lo), hi))
         for y in range(top, top + ph, 6):  # dashed line
             d.line([x, y, x, min(y + 3, top + ph)], fill=colour, width=2)
-        d.text((x + 3, top + 2 if name == 'low' else top + 14), f'{name} = {_fmt(v)}', fill=colour, font=font)
+        # labels in the margin above the plot (over the bars they would be hidden by the same colour):
+        # 'low' ends left of its line, 'high' starts right of its line, so they never overlap
+        label = f'{name} = {_fmt(v)}'
+        lx = x - d.textlength(label, font=font) - 3 if name == 'low' else x + 3
+        d.text((lx, top - 14), label, fill=colour, font=font)
     return img
 
 
