@@ -40,7 +40,7 @@ import timm_energykd  # noqa: F401  (registers models and losses)
 from timm_energykd.args import parse_args, validate_args
 from timm_energykd.data import TransformSubset, create_train_eval_datasets, dataset_num_classes
 from timm_energykd.io import check_image_files, check_writable_dir, load_checkpoint_file, write_atomic
-from timm_energykd.teacher import build_teacher
+from timm_energykd.teacher import build_teacher, resolve_teacher_pretrained
 
 _logger = logging.getLogger('train_energykd')
 
@@ -536,6 +536,8 @@ def train(args, args_text: str) -> Dict[str, Any]:
     # ---- teacher (its own head; refuses a class-count mismatch) ----
     teacher = None
     if args.teacher is not None:
+        args.teacher_pretrained = resolve_teacher_pretrained(args.teacher, args.teacher_pretrained,
+                                                             args.teacher_checkpoint)
         teacher = build_teacher(args.teacher, args.num_classes, pretrained=args.teacher_pretrained,
                                 checkpoint=args.teacher_checkpoint, in_chans=in_chans)
 

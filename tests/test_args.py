@@ -55,7 +55,7 @@ def test_timm_defaults(dest, value):
 
 
 @pytest.mark.parametrize('dest,value', [
-    ('teacher', None), ('teacher_pretrained', False), ('teacher_checkpoint', None), ('distill_loss', None),
+    ('teacher', None), ('teacher_pretrained', None), ('teacher_checkpoint', None), ('distill_loss', None),
     ('energy_rate', 0.2), ('energy_temperature', 4.0), ('temp_delta_low', 2.0), ('temp_delta_high', -2.0),
     ('temp_low', None), ('temp_high', None), ('temp_direction', 'paper'), ('temp_policy', 'two_bin'),
     ('gradation_bins', 10), ('temp_min', 2.0), ('temp_max', 6.0), ('calibration', 'dataset'),

@@ -100,3 +100,24 @@ def test_unsafe_pickle_is_refused(tmp_path):
     torch.save({'x': _Evil()}, p)  # an arbitrary (non-allow-listed) Python object
     with pytest.raises(ValueError, match='cannot read checkpoint'):
         load_checkpoint_file(p, flag='--resume')
+
+
+def test_named_teacher_is_pretrained_by_default_like_timm():
+    from timm_energykd.teacher import resolve_teacher_pretrained
+    assert resolve_teacher_pretrained('resnet50', None, None) is True  # timm has weights: use them
+    assert resolve_teacher_pretrained('cifar_resnet8', None, None) is False  # none exist: random (warned)
+    assert resolve_teacher_pretrained('resnet50', None, 'teacher.pth.tar') is False  # the checkpoint wins
+    assert resolve_teacher_pretrained('resnet50', False, None) is False  # --no-teacher-pretrained
+    assert resolve_teacher_pretrained('cifar_resnet8', True, None) is True
+
+
+def test_pretrained_download_failure_is_one_clear_line(monkeypatch):
+    import timm_energykd.teacher as teacher_mod
+
+    def offline(*a, **k):
+        raise OSError('We have no connection or you passed local_files_only')
+    monkeypatch.setattr(teacher_mod.timm, 'create_model', offline)
+    with pytest.raises(ValueError, match=r"--teacher-pretrained: could not load timm's pretrained weights for "
+                                         r"'resnet10t' .*--no-teacher-pretrained") as e:
+        teacher_mod.build_teacher('resnet10t', 1000, pretrained=True)
+    assert '\n' not in str(e.value)

@@ -262,7 +262,9 @@ TIMM_GROUPS: Tuple[Tuple[str, Tuple[Tuple[Tuple[str, ...], Dict[str, Any]], ...]
 ENERGYKD_GROUPS: Tuple[Tuple[str, Tuple[Tuple[Tuple[str, ...], Dict[str, Any]], ...]], ...] = (
     ('Energy distillation parameters', (
         (('--teacher',), dict(type=_s, default=None, metavar='NAME', help='teacher model name, hf-hub:ORG/NAME or local-dir:PATH')),
-        (('--teacher-pretrained',), dict(action='store_true', default=False, help='load the teacher pretrained weights')),
+        (('--teacher-pretrained',), dict(action=argparse.BooleanOptionalAction, default=None,
+                                         help="timm's pretrained teacher weights (default: on when the model has "
+                                              'them and no --teacher-checkpoint is given, as timm\'s KD does)')),
         (('--teacher-checkpoint',), dict(type=_s, default=None, metavar='PATH', help='teacher checkpoint (its own head)')),
         (('--distill-loss',), dict(type=_s, default=None, metavar='NAME', help='distillation loss (default: energy_kd with a teacher)')),
         (('--energy-rate',), dict(type=_f, default=0.2, metavar='R', help='fraction r of low- and of high-energy samples, in (0, 0.5]')),
@@ -413,7 +415,7 @@ def _convert(action: argparse.Action, key: str, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f'{where} expects a mapping, got {value!r}')
         return value
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ValueError(f'{where} expects true/false, got {value!r}')
         return value

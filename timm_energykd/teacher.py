@@ -44,6 +44,27 @@ def checkpoint_num_classes(state_dict: Dict[str, torch.Tensor], key: str) -> Opt
     return int(w.shape[0]) if w is not None and w.ndim >= 1 else None
 
 
+def has_pretrained_weights(name: str) -> bool:
+    """Whether timm knows a source (Hub id, URL or file) of pretrained weights for ``name``."""
+    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        return True
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        return False
+    return bool(cfg is not None and (cfg.hf_hub_id or cfg.url or cfg.file))
+
+
+def resolve_teacher_pretrained(name: str, pretrained: Optional[bool], checkpoint: Optional[str]) -> bool:
+    """``--teacher-pretrained`` left unset means: pretrained when there is no checkpoint and timm has weights for
+    ``name`` (what timm's ``DistillationTeacher`` does for a model name); an explicit True / False is kept."""
+    if checkpoint:
+        return False
+    if pretrained is None:
+        return has_pretrained_weights(name)
+    return bool(pretrained)
+
+
 def build_teacher(
         name: str,
         num_classes: int,
@@ -104,7 +125,13 @@ def build_teacher(
             ) from None
         _logger.info(f"Teacher '{name}' ({num_classes} classes) loaded from {checkpoint}")
     elif pretrained:
-        model = timm.create_model(name, pretrained=True, in_chans=in_chans, **model_kwargs)  # its own head
+        try:
+            model = timm.create_model(name, pretrained=True, in_chans=in_chans, **model_kwargs)  # its own head
+        except (OSError, RuntimeError) as e:  # no network / Hub offline / bad download
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"--teacher-pretrained: could not load timm's pretrained weights for '{name}' ({first}); "
+                f'pass --teacher-checkpoint PATH, or --no-teacher-pretrained for a random teacher') from None
         got = getattr(model, 'num_classes', None)
         if got != num_classes:
             raise ValueError(
@@ -114,7 +141,7 @@ def build_teacher(
     else:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
         _logger.warning(
-            f"Teacher '{name}' has RANDOM weights (no --teacher-checkpoint / --teacher-pretrained): "
+            f"Teacher '{name}' has RANDOM weights (no --teacher-checkpoint, and no pretrained weights used): "
             f'distillation from it is only useful for smoke tests')
 
     model.eval()
