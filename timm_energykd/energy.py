@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -178,20 +177,8 @@ class EnergyThresholds:
 
     def save_json(self, path) -> None:
         """Write as JSON atomically (temp file in the same folder, then ``os.replace``)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-        try:
-            with os.fdopen(fd, 'w') as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        from .io import write_atomic  # one atomic-write implementation for the whole package
+        write_atomic(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load_json(cls, path, expect_identity: Optional[Dict[str, Any]] = None) -> 'EnergyThresholds':
