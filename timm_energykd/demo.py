@@ -56,7 +56,7 @@ class DemoConfig:
     img_size: int = 32
     num_classes: int = 10
     batch_size: int = 32
-    teacher_lr: float = 0.1
+    teacher_lr: float = 0.05
     student_lr: float = 0.1
     energy_rate: float = 0.3
     noise: float = 0.05
