@@ -197,13 +197,20 @@ def _create_task(args, model, teacher, criterion, device):
             'two_bin', base=args.kd_temperature, delta_low=args.temp_delta_low, delta_high=args.temp_delta_high,
             direction=args.temp_direction, low_temperature=args.temp_low, high_temperature=args.temp_high)
     loss_kwargs = {}
-    if args.distill_loss in ('dkd', 'energy_dkd'):
+    if args.distill_loss in ('dkd', 'energy_dkd', 'dkd_ls'):
         loss_kwargs = dict(alpha=args.dkd_alpha, beta=args.dkd_beta, warmup_epochs=args.dkd_warmup)
+    loss_kwargs.update(args.distill_loss_kwargs or {})
     he_da = None
     if args.he_da != 'off':
         he_da = HighEnergyMix(
             mode=args.he_da, alpha=args.he_da_alpha, selection=args.he_da_selection,
             rate=args.he_da_rate if args.he_da_selection == 'topk' else None)
+    if loss_kwargs:  # a misspelt or unknown keyword fails here in one line, not deep inside the task
+        from timm_energykd.losses import create_distill_loss
+        try:
+            create_distill_loss(args.distill_loss, **loss_kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f'--distill-loss-kwargs {args.distill_loss}: {str(e).strip().splitlines()[0]}') from None
     return EnergyDistillationTask(
         model, teacher, criterion,
         distill_loss=args.distill_loss,
@@ -221,6 +228,18 @@ def _create_task(args, model, teacher, criterion, device):
         device=device,
         verbose=args.rank == 0,
     )
+
+
+def _check_distill_loss(args, task) -> None:
+    """Run the distillation loss once on random logits of the real class count, so a loss setting that only
+    fails at its first forward (e.g. rekd's k against the class count) stops here, before calibration."""
+    c = args.num_classes
+    logits = torch.randn(2, c, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            task.distill_loss(logits, logits.flip(0), torch.arange(2) % c, torch.full((2,), float(args.kd_temperature)))
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f'--distill-loss {args.distill_loss}: {str(e).strip().splitlines()[0]}') from None
 
 
 def _needs_calibration(args, task) -> bool:
@@ -564,6 +583,8 @@ def train(args, args_text: str) -> Dict[str, Any]:
     criterion = _create_criterion(args, mixup_active)
     task = _create_task(args, model, teacher, criterion, device)
     task.to(device)
+    if teacher is not None:
+        _check_distill_loss(args, task)
 
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     amp_autocast = nullcontext

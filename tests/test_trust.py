@@ -73,6 +73,10 @@ def _refused(env, argv, exc, match, exp):
     (['--temp-policy', 'gradation', '--temp-min', '-1'], '--temp-min must be > 0, got -1.0'),
     (['--distill-loss', 'nope'], "--distill-loss 'nope' is unknown; expected one of: .*energy_kd"),
     (['--he-da', 'cutmix', '--batch-size', '1'], r'--he-da needs --batch-size >= 2 \(it mixes pairs of samples\), got 1'),
+    (['--distill-loss', 'rekd', '--distill-loss-kwargs', 'k=5'],
+     r'--distill-loss rekd: rekd: k must be in \[1, num_classes - 2\] = \[1, 2\], got 5'),
+    (['--distill-loss', 'rekd', '--distill-loss-kwargs', 'kk=1'],
+     "--distill-loss-kwargs rekd: .*unexpected keyword argument 'kk'"),
 ])
 def test_bad_flag(env, bad, match):
     _refused(env, env['distill'] + bad, ValueError, match, 'bad-flag')
