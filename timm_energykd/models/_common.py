@@ -12,7 +12,7 @@ from timm.models import checkpoint_seq
 
 __all__ = [
     'CIFAR100_MEAN', 'CIFAR100_STD', 'cifar_cfg', 'imagenet_cfg', 'init_weights', 'channel_shuffle',
-    'ClassifierMixin', 'run_stage', 'rename_keys',
+    'ClassifierMixin', 'ThreeStageMixin', 'run_stage', 'rename_keys',
 ]
 
 # CIFAR-100 training-set statistics, as used by the KD literature (CRD / mdistiller) for all CIFAR models.
@@ -126,6 +126,21 @@ def run_stage(stage: nn.Module, x: torch.Tensor, grad_checkpointing: bool) -> to
     if grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
         return checkpoint_seq(stage, x)
     return stage(x)
+
+
+class ThreeStageMixin:
+    """Features of the families built as stem (``conv1`` / ``bn1`` / ``act1``) then stages ``layer1..3``."""
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = run_stage(self.layer1, x, self.grad_checkpointing)
+        x = run_stage(self.layer2, x, self.grad_checkpointing)
+        x = run_stage(self.layer3, x, self.grad_checkpointing)
+        return x
 
 
 def rename_keys(state_dict: Dict[str, Any], rules) -> Dict[str, Any]:

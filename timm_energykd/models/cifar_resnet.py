@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import ClassifierMixin, cifar_cfg, init_weights, rename_keys, run_stage
+from ._common import ClassifierMixin, ThreeStageMixin, cifar_cfg, init_weights, rename_keys
 
 __all__ = ['CifarResNet', 'BasicBlock']
 
@@ -50,7 +50,7 @@ class BasicBlock(nn.Module):
         return self.act2(x + shortcut)
 
 
-class CifarResNet(ClassifierMixin, nn.Module):
+class CifarResNet(ThreeStageMixin, ClassifierMixin, nn.Module):
     """CIFAR ResNet with basic blocks.
 
     Args:
@@ -95,17 +95,6 @@ class CifarResNet(ClassifierMixin, nn.Module):
 
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
         init_weights(self)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = run_stage(self.layer1, x, self.grad_checkpointing)
-        x = run_stage(self.layer2, x, self.grad_checkpointing)
-        x = run_stage(self.layer3, x, self.grad_checkpointing)
-        return x
 
 
 # mdistiller / RepDistiller names equal ours; only a DataParallel 'module.' prefix may need stripping.

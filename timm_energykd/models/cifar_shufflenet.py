@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import ClassifierMixin, channel_shuffle, cifar_cfg, init_weights, rename_keys, run_stage
+from ._common import ClassifierMixin, ThreeStageMixin, channel_shuffle, cifar_cfg, init_weights, rename_keys
 
 __all__ = ['CifarShuffleNetV1', 'ShuffleV1Unit']
 
@@ -60,7 +60,7 @@ class ShuffleV1Unit(nn.Module):
         return self.act(out)
 
 
-class CifarShuffleNetV1(ClassifierMixin, nn.Module):
+class CifarShuffleNetV1(ThreeStageMixin, ClassifierMixin, nn.Module):
     """ShuffleNetV1 for 32x32 inputs.
 
     Args:
@@ -107,17 +107,6 @@ class CifarShuffleNetV1(ClassifierMixin, nn.Module):
 
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
         init_weights(self)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = run_stage(self.layer1, x, self.grad_checkpointing)
-        x = run_stage(self.layer2, x, self.grad_checkpointing)
-        x = run_stage(self.layer3, x, self.grad_checkpointing)
-        return x
 
 
 # mdistiller / RepDistiller `ShuffleNetv1.py` names -> ours (only the classifier differs).
