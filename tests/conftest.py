@@ -17,3 +17,14 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip('../shared/data is not present (fresh clone)')
     return SHARED_DATA
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a module of tiny-model trainer runs: fastest for them, and immune to other processes
+    on a shared 2-core machine. The session's thread count is restored afterwards."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

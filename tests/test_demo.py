@@ -10,12 +10,7 @@ from timm_energykd import demo
 from timm_energykd.args import parse_args
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.mark.slow

@@ -19,12 +19,7 @@ from timm_energykd.energy import EnergyThresholds
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _teacher_ckpt(path, num_classes=4, seed=0, nan=False):
