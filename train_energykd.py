@@ -205,16 +205,14 @@ def _create_task(args, model, teacher, criterion, device):
         he_da = HighEnergyMix(
             mode=args.he_da, alpha=args.he_da_alpha, selection=args.he_da_selection,
             rate=args.he_da_rate if args.he_da_selection == 'topk' else None)
-    if loss_kwargs:  # a misspelt or unknown keyword fails here in one line, not deep inside the task
-        from timm_energykd.losses import create_distill_loss
-        try:
-            create_distill_loss(args.distill_loss, **loss_kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f'--distill-loss-kwargs {args.distill_loss}: {str(e).strip().splitlines()[0]}') from None
+    from timm_energykd.losses import create_distill_loss
+    try:  # built once here so a misspelt or unknown keyword fails in one line naming the flag
+        distill_loss = create_distill_loss(args.distill_loss, **loss_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'--distill-loss-kwargs {args.distill_loss}: {str(e).strip().splitlines()[0]}') from None
     return EnergyDistillationTask(
         model, teacher, criterion,
-        distill_loss=args.distill_loss,
-        distill_loss_kwargs=loss_kwargs,
+        distill_loss=distill_loss,
         temperature=args.kd_temperature,
         temperature_policy=policy,
         energy_temperature=args.energy_temperature,
