@@ -40,6 +40,7 @@ import timm_energykd  # noqa: F401  (registers models and losses)
 from timm_energykd.args import parse_args, validate_args
 from timm_energykd.data import TransformSubset, create_train_eval_datasets, dataset_num_classes
 from timm_energykd.io import check_image_files, check_writable_dir, load_checkpoint_file, write_atomic
+from timm_energykd.peer_losses import BlendedTeacher
 from timm_energykd.teacher import build_teacher, resolve_teacher_pretrained
 
 _logger = logging.getLogger('train_energykd')
@@ -140,6 +141,12 @@ def _check_resume_matches(args, ckpt) -> None:
         if old_teacher != new_teacher:
             raise ValueError(f'--resume: {args.resume} was trained with --teacher {old_teacher}, this run has '
                              f'--teacher {new_teacher}; resume with the same teacher or start a new run')
+        old_blend = (getattr(old, 'teacher_prune_amount', 0.0), getattr(old, 'teacher_blend_weight', 0.7))
+        new_blend = (args.teacher_prune_amount, args.teacher_blend_weight)
+        if old_teacher is not None and old_blend[0] + new_blend[0] > 0 and old_blend != new_blend:
+            raise ValueError(f'--resume: {args.resume} was trained with --teacher-prune-amount {old_blend[0]} '
+                             f'--teacher-blend-weight {old_blend[1]}, this run has {new_blend[0]} / {new_blend[1]}; '
+                             'resume with the same teacher blend or start a new run')
         if old_loss != new_loss:
             raise ValueError(f'--resume: {args.resume} was trained with --distill-loss {old_loss}, this run has '
                              f'--distill-loss {new_loss}; resume with the same loss or start a new run')
@@ -251,6 +258,9 @@ def _calibration_identity(args, num_samples: int) -> Dict[str, Any]:
         teacher=args.teacher,
         teacher_checkpoint_sha256=_sha256(args.teacher_checkpoint),
         teacher_pretrained=bool(args.teacher_pretrained),
+        # only recorded when on, so caches written before the flag existed stay valid
+        **({'teacher_prune_amount': args.teacher_prune_amount, 'teacher_blend_weight': args.teacher_blend_weight}
+           if args.teacher_prune_amount > 0 else {}),
         dataset=args.dataset,
         data_dir=os.path.abspath(args.data_dir) if args.data_dir else None,
         train_split=args.train_split,
@@ -557,6 +567,10 @@ def train(args, args_text: str) -> Dict[str, Any]:
                                                              args.teacher_checkpoint)
         teacher = build_teacher(args.teacher, args.num_classes, pretrained=args.teacher_pretrained,
                                 checkpoint=args.teacher_checkpoint, in_chans=in_chans)
+        if args.teacher_prune_amount > 0:
+            # R2KD's targets: teacher logits blended with those of a lightly pruned copy (also used for energies)
+            teacher = BlendedTeacher(teacher, teacher_weight=args.teacher_blend_weight,
+                                     prune_amount=args.teacher_prune_amount)
 
     model.to(device)
     if args.channels_last:

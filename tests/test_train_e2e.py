@@ -77,6 +77,26 @@ def test_distill_each_loss(runs, loss, extra):
 
 
 @pytest.mark.slow
+def test_r2kd_with_pruned_teacher_blend(runs):
+    from timm_energykd.peer_losses import BlendedTeacher
+    argv = runs['distill'] + ['--distill-loss', 'r2kd', '--teacher-prune-amount', '0.3', '--teacher-blend-weight', '0.6',
+                              '--experiment', 'r2kd-blend']
+    r = train_energykd.main(argv)
+    blended = r['task'].teacher.model
+    assert isinstance(blended, BlendedTeacher) and blended.teacher_weight == 0.6
+    ident = r['thresholds'].identity
+    assert (ident['teacher_prune_amount'], ident['teacher_blend_weight']) == (0.3, 0.6)
+    plain = train_energykd.main(runs['distill'] + ['--distill-loss', 'r2kd', '--experiment', 'r2kd-plain'])
+    assert 'teacher_prune_amount' not in plain['thresholds'].identity
+    assert not isinstance(plain['task'].teacher.model, BlendedTeacher)
+    assert r['thresholds'].low != plain['thresholds'].low  # energies come from the blended logits
+    last = os.path.join(r['output_dir'], 'last.pth.tar')
+    with pytest.raises(ValueError, match='--teacher-prune-amount 0.3 --teacher-blend-weight 0.6, this run has 0.1'):
+        train_energykd.main(runs['distill'] + ['--distill-loss', 'r2kd', '--teacher-prune-amount', '0.1',
+                                               '--experiment', 'r2kd-blend', '--epochs', '2', '--resume', last])
+
+
+@pytest.mark.slow
 def test_resume_continues_with_same_thresholds(runs):
     first = train_energykd.main(runs['distill'] + ['--experiment', 'resume', '--epochs', '1'])
     last = os.path.join(first['output_dir'], 'last.pth.tar')

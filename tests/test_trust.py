@@ -70,6 +70,10 @@ def _refused(env, argv, exc, match, exp):
     (['--he-da', 'cutmix', '--batch-size', '1'], r'--he-da needs --batch-size >= 2 \(it mixes pairs of samples\), got 1'),
     (['--distill-loss', 'rekd', '--distill-loss-kwargs', 'k=5'],
      r'--distill-loss rekd: rekd: k must be in \[1, num_classes - 2\] = \[1, 2\], got 5'),
+    (['--teacher-prune-amount', '1.0'],
+     r'--teacher-prune-amount must be in \[0, 1\) \(fraction of each weight pruned\), got 1.0'),
+    (['--teacher-prune-amount', '0.1', '--teacher-blend-weight', '1.5'],
+     r'--teacher-blend-weight must be in \[0, 1\] \(weight of the unpruned teacher\), got 1.5'),
     (['--distill-loss', 'rekd', '--distill-loss-kwargs', 'kk=1'],
      "--distill-loss-kwargs rekd: .*unexpected keyword argument 'kk'"),
 ])

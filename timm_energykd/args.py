@@ -266,6 +266,12 @@ ENERGYKD_GROUPS: Tuple[Tuple[str, Tuple[Tuple[Tuple[str, ...], Dict[str, Any]], 
                                          help="timm's pretrained teacher weights (default: on when the model has "
                                               'them and no --teacher-checkpoint is given, as timm\'s KD does)')),
         (('--teacher-checkpoint',), dict(type=_s, default=None, metavar='PATH', help='teacher checkpoint (its own head)')),
+        (('--teacher-prune-amount',), dict(type=_f, default=0.0, metavar='P',
+                                           help='R2KD teacher: blend the teacher with a copy whose conv / linear weights '
+                                                'are P L1-pruned (0 = off; 0.1 published)')),
+        (('--teacher-blend-weight',), dict(type=_f, default=0.7, metavar='W',
+                                           help='weight of the unpruned teacher in the --teacher-prune-amount blend '
+                                                '(0.7 published)')),
         (('--distill-loss',), dict(type=_s, default=None, metavar='NAME', help='distillation loss (default: energy_kd with a teacher)')),
         (('--distill-loss-kwargs',), dict(nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                                           help='extra constructor arguments of the distillation loss, e.g. k=3 for rekd')),
@@ -650,6 +656,13 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 '--he-da cannot be combined with timm --mixup/--cutmix/--cutmix-minmax '
                 '(they mix before the teacher sees the batch); set them to 0')
+
+    amount = g('teacher_prune_amount', 0.0)
+    if not 0.0 <= amount < 1.0:
+        raise ValueError(f'--teacher-prune-amount must be in [0, 1) (fraction of each weight pruned), got {amount}')
+    blend = g('teacher_blend_weight', 0.7)
+    if not 0.0 <= blend <= 1.0:
+        raise ValueError(f'--teacher-blend-weight must be in [0, 1] (weight of the unpruned teacher), got {blend}')
 
     for name in ('dkd_alpha', 'dkd_beta'):
         if not g(name, 1.0) >= 0:
