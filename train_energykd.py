@@ -193,9 +193,12 @@ def _create_task(args, model, teacher, criterion, device):
         return ClassificationTask(model, criterion, device=device, verbose=args.rank == 0)
     from timm_energykd.mixing import HighEnergyMix
     from timm_energykd.task import EnergyDistillationTask
+    from timm_energykd.losses import create_distill_loss, uses_energy_temperature
     from timm_energykd.temperature import create_temperature_policy
 
-    if args.temp_policy == 'gradation':
+    if not uses_energy_temperature(args.distill_loss):
+        policy = None  # the loss takes --kd-temperature only
+    elif args.temp_policy == 'gradation':
         policy = create_temperature_policy(
             'gradation', t_min=args.temp_min, t_max=args.temp_max, num_bins=args.gradation_bins,
             direction=args.temp_direction)
@@ -212,7 +215,6 @@ def _create_task(args, model, teacher, criterion, device):
         he_da = HighEnergyMix(
             mode=args.he_da, alpha=args.he_da_alpha, selection=args.he_da_selection,
             rate=args.he_da_rate if args.he_da_selection == 'topk' else None)
-    from timm_energykd.losses import create_distill_loss
     try:  # built once here so a misspelt or unknown keyword fails in one line naming the flag
         distill_loss = create_distill_loss(args.distill_loss, **loss_kwargs)
     except (TypeError, ValueError) as e:

@@ -197,6 +197,13 @@ def test_validate_errors(data_dir, extra, message):
     assert message in str(e.value) and '\n' not in str(e.value)
 
 
+def test_policy_temperatures_checked_only_for_energy_losses(data_dir):
+    # KD+LS's recipe (T = 2): the default T(-) = -2 would give a policy temperature of 0, but kd_ls never uses it
+    A.validate_args(valid(data_dir, '--distill-loss', 'kd_ls', '--kd-temperature', '2'))
+    with pytest.raises(ValueError, match=r'--kd-temperature \+ --temp-delta-high must be > 0, got 2.0'):
+        A.validate_args(valid(data_dir, '--distill-loss', 'energy_kd_ls', '--kd-temperature', '2'))
+
+
 def test_validate_files(tmp_path, data_dir):
     missing = str(tmp_path / 'nope.pth')
     with pytest.raises(FileNotFoundError, match='--teacher-checkpoint: file not found: .*nope.pth'):

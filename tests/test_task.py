@@ -89,6 +89,17 @@ def test_energy_kd_uses_per_sample_temperatures_against_reference():
     assert float(o['frac_low']) == pytest.approx(0.3) and float(o['frac_high']) == pytest.approx(0.1)
 
 
+def test_plain_loss_needs_no_temperature_policy():
+    task = _task(distill_loss='kd', temperature=2.0)  # T + T(-) = 0 would be an invalid two-bin policy
+    assert task.temperature_policy is None
+    x, y = _batch()
+    task.set_thresholds(_thresholds(task, x))
+    out = task(x, y)
+    assert out['temp_mean'].item() == 2.0
+    ref = kd_loss_per_sample(out['output'].detach(), task.teacher_logits(x), 2.0).mean()
+    torch.testing.assert_close(out['kd_loss'].detach(), ref)
+
+
 def test_dataset_mode_requires_thresholds_for_energy_loss():
     with pytest.raises(RuntimeError, match='set_thresholds'):
         _task(distill_loss='energy_kd')(*_batch())

@@ -585,6 +585,29 @@ def _known_losses() -> List[str]:
     return losses.list_distill_losses()
 
 
+def _check_policy_temperatures(g, base: float) -> None:
+    """Every temperature the energy policy can produce must be > 0 (only for losses that use the policy)."""
+    for explicit, delta in (('temp_low', 'temp_delta_low'), ('temp_high', 'temp_delta_high')):
+        t = g(explicit)
+        if t is not None:
+            if not t > 0:
+                raise ValueError(f'{_flag(explicit)} must be > 0, got {t}')
+        else:
+            d = g(delta, 0.0)
+            if not base + d > 0:
+                raise ValueError(
+                    f'--kd-temperature + {_flag(delta)} must be > 0, got {base} + ({d}) = {base + d}')
+    t_min, t_max = g('temp_min', 2.0), g('temp_max', 6.0)
+    for name, t in (('temp_min', t_min), ('temp_max', t_max)):
+        if not t > 0:
+            raise ValueError(f'{_flag(name)} must be > 0, got {t}')
+    if t_min > t_max:
+        raise ValueError(f'--temp-min must be <= --temp-max, got {t_min} > {t_max}')
+    bins = g('gradation_bins', 10)
+    if bins < 2:
+        raise ValueError(f'--gradation-bins must be >= 2, got {bins}')
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Fast checks before any model or data is built.
 
@@ -613,29 +636,18 @@ def validate_args(args: argparse.Namespace) -> None:
     if not t_e > 0:
         raise ValueError(f'--energy-temperature must be > 0, got {t_e}')
 
-    # every temperature the policy can produce must be > 0
+    loss = g('distill_loss')
+    if loss is not None:
+        known = _known_losses()
+        if loss not in known:
+            raise ValueError(f"--distill-loss '{loss}' is unknown; expected one of: {', '.join(known) or '(none registered)'}")
+
     base = g('kd_temperature', 4.0)
     if not base > 0:
         raise ValueError(f'--kd-temperature must be > 0, got {base}')
-    for explicit, delta in (('temp_low', 'temp_delta_low'), ('temp_high', 'temp_delta_high')):
-        t = g(explicit)
-        if t is not None:
-            if not t > 0:
-                raise ValueError(f'{_flag(explicit)} must be > 0, got {t}')
-        else:
-            d = g(delta, 0.0)
-            if not base + d > 0:
-                raise ValueError(
-                    f'--kd-temperature + {_flag(delta)} must be > 0, got {base} + ({d}) = {base + d}')
-    t_min, t_max = g('temp_min', 2.0), g('temp_max', 6.0)
-    for name, t in (('temp_min', t_min), ('temp_max', t_max)):
-        if not t > 0:
-            raise ValueError(f'{_flag(name)} must be > 0, got {t}')
-    if t_min > t_max:
-        raise ValueError(f'--temp-min must be <= --temp-max, got {t_min} > {t_max}')
-    bins = g('gradation_bins', 10)
-    if bins < 2:
-        raise ValueError(f'--gradation-bins must be >= 2, got {bins}')
+    from .losses import uses_energy_temperature
+    if loss is None or uses_energy_temperature(loss):
+        _check_policy_temperatures(g, base)
     mom = g('running_momentum', 0.9)
     if not 0.0 <= mom < 1.0:
         raise ValueError(f'--running-momentum must be in [0, 1), got {mom}')
@@ -673,12 +685,6 @@ def validate_args(args: argparse.Namespace) -> None:
     factor = g('imbalance_factor')
     if factor is not None and not _in_half_open(factor, 0.0, 1.0):
         raise ValueError(f'--imbalance-factor must be in (0, 1] (n_min / n_max, 0.01 = ratio 100), got {factor}')
-
-    loss = g('distill_loss')
-    if loss is not None:
-        known = _known_losses()
-        if loss not in known:
-            raise ValueError(f"--distill-loss '{loss}' is unknown; expected one of: {', '.join(known) or '(none registered)'}")
 
     # files and folders
     ckpt = g('teacher_checkpoint')

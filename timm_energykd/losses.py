@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'DistillLoss', 'register_distill_loss', 'create_distill_loss', 'list_distill_losses', 'is_distill_loss',
+    'uses_energy_temperature',
     'hard_target', 'as_sample_temperature', 'kd_loss_per_sample', 'dkd_loss_per_sample',
     'KDLoss', 'EnergyKDLoss', 'DKDLoss', 'EnergyDKDLoss',
 ]
@@ -59,6 +60,11 @@ def list_distill_losses() -> List[str]:
 
 def is_distill_loss(name: str) -> bool:
     return name in _DISTILL_LOSSES
+
+
+def uses_energy_temperature(name: str) -> bool:
+    """Whether the registered loss ``name`` takes the energy policy's per-sample temperatures."""
+    return bool(getattr(_DISTILL_LOSSES[name], 'uses_energy_temperature', False))
 
 
 def create_distill_loss(name: str, **kwargs) -> nn.Module:

@@ -92,8 +92,8 @@ class EnergyDistillationTask(TrainingTask):
             an ``nn.Module`` with the registry's ``forward(student, teacher, target, temperature)``.
         distill_loss_kwargs: Keyword arguments for a loss built by name.
         temperature: Base temperature T; used directly by losses without energy temperatures.
-        temperature_policy: Module ``(energy, low, high, bin_edges) -> [B]``; default
-            ``TwoBinTemperature(temperature, 2.0, -2.0, 'paper')``.
+        temperature_policy: Module ``(energy, low, high, bin_edges) -> [B]``, used only by losses with
+            ``uses_energy_temperature``; default for those ``TwoBinTemperature(temperature, 2.0, -2.0, 'paper')``.
         energy_temperature: T_E of the energy score.
         energy_rate: Threshold fraction r in (0, 0.5] for the online estimators.
         thresholds: ``EnergyThresholds`` for ``threshold_mode='dataset'`` (or call ``set_thresholds``).
@@ -166,8 +166,11 @@ class EnergyDistillationTask(TrainingTask):
         self.distill_loss = distill_loss
         self.uses_energy_temperature = bool(getattr(distill_loss, 'uses_energy_temperature', False))
         self.temperature = float(temperature)
-        self.temperature_policy = temperature_policy if temperature_policy is not None else \
-            TwoBinTemperature(temperature, 2.0, -2.0, 'paper')
+        # only losses that use per-sample temperatures need a policy: KD+LS at T = 2 must not be refused
+        # because T + T(-) = 0 would be invalid for a policy it never uses
+        if temperature_policy is None and self.uses_energy_temperature:
+            temperature_policy = TwoBinTemperature(temperature, 2.0, -2.0, 'paper')
+        self.temperature_policy = temperature_policy
         self.num_bins = int(getattr(self.temperature_policy, 'num_bins', 10))
         self.energy_temperature = float(energy_temperature)
         self.energy_rate = float(energy_rate)
@@ -380,8 +383,10 @@ class EnergyDistillationTask(TrainingTask):
         t_logits = self.teacher_logits(input)
         valid, energy = self._energy(t_logits)
         low, high, edges, he_high = self._thresholds(energy)
-        temps = self.temperature_policy(energy, low, high, edges)
-        kd_temperature = temps if self.uses_energy_temperature else self.temperature
+        if self.uses_energy_temperature:
+            temps = kd_temperature = self.temperature_policy(energy, low, high, edges)
+        else:
+            temps, kd_temperature = torch.full_like(energy, self.temperature), self.temperature
 
         mix = self.he_da(input, energy, he_high) if self.he_da is not None else None
         if mix is not None and mix.num_mixed > 0:
@@ -421,12 +426,11 @@ class EnergyDistillationTask(TrainingTask):
         with torch.no_grad():
             vf = valid.float()
             n_valid = vf.sum().clamp(min=1)
-            temps_used = temps if self.uses_energy_temperature else torch.full_like(temps, self.temperature)
             out.update(
                 energy_mean=(energy * vf).sum() / n_valid,
                 frac_low=((energy <= low).float() * vf).sum() / n_valid,
                 frac_high=((energy > high).float() * vf).sum() / n_valid,
-                temp_mean=(temps_used * vf).sum() / n_valid,
+                temp_mean=(temps * vf).sum() / n_valid,
                 teacher_nonfinite=nonfinite,
             )
         return {'loss': total, 'output': student_logits, 'task_loss': task_loss, 'kd_loss': kd_loss, **out}
