@@ -133,3 +133,14 @@ def test_accuracy_tiny(tmp_path):
     assert all(r['n'] == 1 for r in res['rows'])
     for f in ('results.md', 'results.json', 'accuracy.png'):
         assert (tmp_path / 'acc' / f).is_file()
+
+
+def test_loss_gradients_table():
+    import loss_gradients
+    text = loss_gradients.main(['--losses', 'dkd', 'r2kd', '--batch-sizes', '8', '--seeds', '1'])
+    rows = {line.split('|')[1].strip(): line.split('|')[2].strip() for line in text.splitlines()
+            if line.startswith('| ') and not line.startswith('| loss')}
+    assert list(rows) == ['kd', 'dkd', 'r2kd'] and rows['kd'] == '1.00'
+    assert float(rows['dkd']) > 1  # measured past the DKD warm-up, not at its zero start
+    with pytest.raises(SystemExit, match='--losses: unknown'):
+        loss_gradients.main(['--losses', 'nope'])
