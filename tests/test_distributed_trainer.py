@@ -24,6 +24,8 @@ from timm_energykd.energy import EnergyThresholds, calibrate_thresholds
 from timm_energykd.mixing import HighEnergyMix
 from timm_energykd.task import EnergyDistillationTask
 
+from helpers import random_teacher_checkpoint
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, WORLD = 16, 2
 
@@ -122,12 +124,7 @@ def test_task_step_matches_single_process(tmp_path):
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp('ddp')
     data = make_demo_imagefolder(root / 'data', train_per_class=5, val_per_class=2, size=32, num_classes=4)
-    import argparse
-    import timm
-    torch.manual_seed(0)
-    teacher = root / 'teacher.pth.tar'
-    torch.save({'state_dict': timm.create_model('test_resnet', num_classes=4).state_dict(),
-                'args': argparse.Namespace(model='test_resnet')}, teacher)
+    teacher = random_teacher_checkpoint(root / 'teacher.pth.tar', seed=0)
     # --no-aug: calibration sees the same pixels in both runs; batch 3: partial last batches must count too
     argv = [str(data), '--model', 'test_resnet', '--teacher', 'test_resnet', '--teacher-checkpoint', str(teacher),
             '--img-size', '32', '--batch-size', '3', '--workers', '0', '--device', 'cpu', '--epochs', '1',

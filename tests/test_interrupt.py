@@ -6,18 +6,18 @@ Each killed run is a forked child of the test process (no second torch import): 
 sends SIGKILL to its own process at the chosen moment, so nothing gets to clean up, as with ``kill -9`` or a
 pre-empted job. Resumes run in-process through ``train_energykd.main(argv)``, like the CLI.
 """
-import argparse
 import multiprocessing
 import os
 import signal
 
 import pytest
-import timm
 import torch
 
 import train_energykd
 from timm_energykd.demo import make_demo_imagefolder
 from timm_energykd.io import load_checkpoint_file
+
+from helpers import random_teacher_checkpoint
 
 EPOCHS = 3
 
@@ -34,10 +34,7 @@ def _one_thread():
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('interrupt')
     data = make_demo_imagefolder(root / 'data', train_per_class=4, val_per_class=2, size=32, num_classes=4)
-    torch.manual_seed(0)
-    teacher = root / 'teacher.pth.tar'
-    torch.save({'state_dict': timm.create_model('test_resnet', num_classes=4).state_dict(),
-                'args': argparse.Namespace(model='test_resnet')}, teacher)
+    teacher = random_teacher_checkpoint(root / 'teacher.pth.tar', seed=0)
     out = root / 'out'
     # augmentation, HE-DA draws, SGD momentum and a cosine schedule: all state a resume must get right
     argv = [str(data), '--model', 'test_resnet', '--teacher', 'test_resnet', '--teacher-checkpoint', str(teacher),

@@ -1,7 +1,6 @@
 """Issue 6, bad input: every refused case gives ONE line naming the flag or file, before long work starts, and
 leaves no output folder behind. Runs go through ``train_energykd.main(argv)`` (the CLI's path) on a tiny
 generated ImageFolder, CPU, workers 0. The messages checked here are the ones listed in docs/TRUST.md."""
-import argparse
 import os
 import subprocess
 import sys
@@ -16,19 +15,12 @@ import train_energykd
 from timm_energykd.demo import make_demo_imagefolder
 from timm_energykd.energy import EnergyThresholds
 
+from helpers import random_teacher_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def _teacher_ckpt(path, num_classes=4, seed=0, nan=False):
-    torch.manual_seed(seed)
-    sd = timm.create_model('test_resnet', num_classes=num_classes).state_dict()
-    if nan:
-        sd = {k: (torch.full_like(v, float('nan')) if k == 'fc.bias' else v) for k, v in sd.items()}
-    torch.save({'epoch': 0, 'state_dict': sd, 'args': argparse.Namespace(model='test_resnet'), 'version': 2}, path)
-    return str(path)
 
 
 @pytest.fixture(scope='module')
@@ -38,8 +30,8 @@ def env(tmp_path_factory):
     out = root / 'out'
     common = [str(data), '--img-size', '32', '--batch-size', '8', '--workers', '0', '--device', 'cpu',
               '--output', str(out), '--log-interval', '1', '--warmup-epochs', '0', '--epochs', '1']
-    t1 = _teacher_ckpt(root / 't1.pth.tar', seed=0)
-    t2 = _teacher_ckpt(root / 't2.pth.tar', seed=1)
+    t1 = random_teacher_checkpoint(root / 't1.pth.tar', seed=0)
+    t2 = random_teacher_checkpoint(root / 't2.pth.tar', seed=1)
     distill = common + ['--model', 'test_resnet', '--teacher', 'test_resnet', '--teacher-checkpoint', t1]
     ok = train_energykd.main(distill + ['--experiment', 'ok'])  # a good run: its cache and checkpoint are reused
     return dict(root=root, data=data, out=out, common=common, distill=distill, t1=t1, t2=t2, ok=ok)
@@ -101,7 +93,7 @@ def test_teacher_checkpoint_problems(env, tmp_path):
     wrong = env['common'] + ['--model', 'test_resnet', '--teacher', 'resnet10t', '--teacher-checkpoint', env['t1']]
     _refused(env, wrong, ValueError, '--teacher-checkpoint: .*t1.pth.tar does not match --teacher resnet10t',
              'ckpt-arch')
-    ten = _teacher_ckpt(tmp_path / 'ten.pth.tar', num_classes=10)
+    ten = random_teacher_checkpoint(tmp_path / 'ten.pth.tar', num_classes=10)
     _refused(env, base + [ten], ValueError,
              '--teacher-checkpoint: .*ten.pth.tar predicts 10 classes but the student has 4', 'ckpt-classes')
     # student asked for more classes than the teacher predicts
@@ -171,7 +163,7 @@ def test_resume_from_another_teacher_or_loss(env):
 # ---- non-finite teacher logits -------------------------------------------------------------------------------
 
 def test_non_finite_teacher_in_calibration(env, tmp_path):
-    nan = _teacher_ckpt(tmp_path / 'nan.pth.tar', nan=True)
+    nan = random_teacher_checkpoint(tmp_path / 'nan.pth.tar', nan=True)
     argv = env['common'] + ['--model', 'test_resnet', '--teacher', 'test_resnet', '--teacher-checkpoint', nan]
     _refused(env, argv, ValueError, r'16 of 16 teacher energies are not finite \(NaN/Inf teacher logits\)',
              'nan-calib')
@@ -180,7 +172,7 @@ def test_non_finite_teacher_in_calibration(env, tmp_path):
 def test_non_finite_teacher_in_training(env, tmp_path):
     # no dataset calibration: the first training step sees the NaN logits; the loss stays finite (bad rows are
     # masked) and the run stops at the next log sync with the count, without keeping a checkpoint-less folder
-    nan = _teacher_ckpt(tmp_path / 'nan.pth.tar', nan=True)
+    nan = random_teacher_checkpoint(tmp_path / 'nan.pth.tar', nan=True)
     argv = env['common'] + ['--model', 'test_resnet', '--teacher', 'test_resnet', '--teacher-checkpoint', nan,
                             '--calibration', 'batch']
     _refused(env, argv, RuntimeError, r'teacher produced non-finite logits for 8 samples \(epoch 0, up to batch 0\)',
