@@ -248,7 +248,7 @@ def launch(args: argparse.Namespace, argv: List[str], log_path: Path) -> int:
     import importlib
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    trainer = importlib.import_module('train_energykd')
+    trainer = importlib.import_module('timm_energykd.train.trainer')
     try:
         trainer.main(argv)
     except SystemExit as e:  # argparse errors / explicit exits

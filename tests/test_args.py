@@ -4,7 +4,7 @@ import logging
 import pytest
 import yaml
 
-from timm_energykd import args as A
+from timm_energykd.train import args as A
 from timm_energykd import losses
 
 # Number of timm train.py option flags this parser accepts (see docs/FLAGS.md for the source of the list).
@@ -132,7 +132,7 @@ def test_config_converts_and_checks_values(tmp_path):
 
 def test_config_unknown_keys_warn(tmp_path, caplog):
     cfg = _write_yaml(tmp_path / 'c.yaml', dict(lr=0.5, not_an_arg=1, energy_rte=0.3, rank=3))
-    with caplog.at_level(logging.WARNING, logger='timm_energykd.args'):
+    with caplog.at_level(logging.WARNING, logger="timm_energykd.train.args"):
         args = parse('--config', cfg)
     assert args.lr == 0.5 and args.energy_rate == 0.2
     assert 'not_an_arg' in caplog.text
@@ -267,13 +267,13 @@ def test_unsupported_flags_at_default_pass(data_dir, tmp_path):
 
 
 def test_distill_flags_without_teacher_warn(data_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger='timm_energykd.args'):
+    with caplog.at_level(logging.WARNING, logger="timm_energykd.train.args"):
         A.validate_args(parse(data_dir, '--energy-rate', '0.3', '--he-da', 'cutmix', '--imbalance-factor', '0.5'))
     assert 'no --teacher given' in caplog.text
     assert '--energy-rate' in caplog.text and '--he-da' in caplog.text
     assert '--imbalance-factor' not in caplog.text  # meaningful without a teacher
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger='timm_energykd.args'):
+    with caplog.at_level(logging.WARNING, logger="timm_energykd.train.args"):
         A.validate_args(parse(data_dir))
     assert caplog.text == ''
 

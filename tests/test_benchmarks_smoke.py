@@ -3,6 +3,7 @@
 The throughput smoke needs timm_energykd.task (and friends); the accuracy smoke needs train_energykd.py.
 Each test skips with the reason when its dependency has not landed in this checkout.
 """
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,15 +11,23 @@ from pathlib import Path
 import pytest
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / 'benchmarks'
-if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))
 
-import _common  # noqa: E402
+
+def _load(name: str):
+    """A benchmark script as a module, from its file (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_common = _load('_common')
 
 
 def test_throughput_baselines_tiny(tmp_path):
     """timm's own tasks only: runs without the plugin core."""
-    import throughput
+    throughput = _load('throughput')
     out = tmp_path / 'tp.json'
     res = throughput.main(['--tiny', '--variants', 'ce', 'timm_kd', '--json', str(out)])
     for v in ('ce', 'timm_kd'):
@@ -33,7 +42,7 @@ def test_throughput_tiny_core_variants(tmp_path):
     missing = _common.core_available()
     if missing:
         pytest.skip(f'timm_energykd core not importable yet: {missing}')
-    import throughput
+    throughput = _load('throughput')
     # the core variants (ce / timm_kd are covered above); one HE-DA rate keeps the test short
     variants = ['timm_kd', 'kd', 'energy_kd', 'energy_dkd', 'gradation', 'he_da_r0.5']
     res = throughput.main(['--tiny', '--variants', *variants, '--he-da-rates', '0.5',
@@ -49,7 +58,7 @@ def test_throughput_tiny_core_variants(tmp_path):
 
 
 def test_throughput_rejects_bad_input():
-    import throughput
+    throughput = _load('throughput')
     with pytest.raises(ValueError, match='--variants'):
         throughput.parse_args(['--tiny', '--variants', 'nope'])
     with pytest.raises(ValueError, match='--he-da-rates'):
@@ -58,7 +67,7 @@ def test_throughput_rejects_bad_input():
 
 def test_accuracy_dry_run_commands(tmp_path, capsys):
     """The trainer command lines: same base args for every run, teacher first, variant flags appended."""
-    import accuracy
+    accuracy = _load('accuracy')
     data = accuracy.make_tiny_imagefolder(tmp_path / 'data', num_classes=3, train_per_class=2, val_per_class=1)
     accuracy.main(['--data-dir', str(data), '--epochs', '2', '--seeds', '0', '1', '--dry-run',
                    '--extra-losses', 'kd_ls', '--output', str(tmp_path / 'out')])
@@ -75,7 +84,7 @@ def test_accuracy_dry_run_commands(tmp_path, capsys):
 
 
 def test_accuracy_rejects_bad_input(tmp_path):
-    import accuracy
+    accuracy = _load('accuracy')
     with pytest.raises(FileNotFoundError, match='--data-dir'):
         accuracy.parse_args(['--data-dir', str(tmp_path / 'missing')])
     data = accuracy.make_tiny_imagefolder(tmp_path / 'd', num_classes=2, train_per_class=1, val_per_class=1)
@@ -86,7 +95,7 @@ def test_accuracy_rejects_bad_input(tmp_path):
 
 
 def test_accuracy_table_and_plot(tmp_path):
-    import accuracy
+    accuracy = _load('accuracy')
     from PIL import Image
     runs = [dict(variant='ce', status='ran', final_top1=70.0, best_top1=71.0),
             dict(variant='ce', status='kept', final_top1=72.0, best_top1=72.5),
@@ -102,7 +111,7 @@ def test_accuracy_table_and_plot(tmp_path):
 
 
 def test_prepare_cifar10(tmp_path, shared_data):
-    import prepare_cifar10
+    prepare_cifar10 = _load('prepare_cifar10')
     from PIL import Image
     npz = shared_data / 'cifar10-jpeg' / 'cifar10_canonical_order_jpeg.npz'
     if not npz.is_file():
@@ -118,7 +127,7 @@ def test_prepare_cifar10(tmp_path, shared_data):
 
 @pytest.mark.slow
 def test_accuracy_tiny(tmp_path):
-    import accuracy
+    accuracy = _load('accuracy')
     if not accuracy.TRAINER.is_file():
         pytest.skip('train_energykd.py has not landed in this checkout')
     missing = _common.core_available()
@@ -136,7 +145,7 @@ def test_accuracy_tiny(tmp_path):
 
 
 def test_loss_gradients_table():
-    import loss_gradients
+    loss_gradients = _load('loss_gradients')
     text = loss_gradients.main(['--losses', 'dkd', 'r2kd', '--batch-sizes', '8', '--seeds', '1'])
     rows = {line.split('|')[1].strip(): line.split('|')[2].strip() for line in text.splitlines()
             if line.startswith('| ') and not line.startswith('| loss')}

@@ -121,7 +121,7 @@ def test_torch_cifar_long_tailed_subset(tmp_path, monkeypatch, name, num_classes
 
 @pytest.mark.slow
 def test_trainer_runs_on_torch_cifar10_lt(tmp_path, monkeypatch):
-    import train_energykd
+    from timm_energykd.train import trainer as train_energykd
     cls = _fake_cifar(tmp_path / 'c10', 'cifar10', per_class=4, num_classes=10)
     monkeypatch.setattr('torchvision.datasets.cifar.check_integrity', lambda *a, **k: True)
     r = train_energykd.main([str(tmp_path / 'c10'), '--dataset', 'torch/cifar10', '--imbalance-factor', '0.5',

@@ -5,9 +5,9 @@ import pytest
 import timm
 import torch
 
-import train_energykd
+from timm_energykd.train import trainer as train_energykd
 from timm_energykd import demo
-from timm_energykd.args import parse_args
+from timm_energykd.train.args import parse_args
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')

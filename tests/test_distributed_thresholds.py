@@ -7,8 +7,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from timm_energykd.energy import EnergyThresholds, RunningThresholds, calibrate_thresholds, energy_score  # noqa
 
 COUNTS = (23, 14)  # uneven per-rank sample counts

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-import train_energykd
+from timm_energykd.train import trainer as train_energykd
 from timm_energykd.demo import make_demo_imagefolder
 from timm_energykd.energy import EnergyThresholds, calibrate_thresholds
 from timm_energykd.mixing import HighEnergyMix
@@ -172,7 +172,7 @@ def test_trainer_under_torchrun_rank0_writes_and_thresholds_match(tiny_run):
 _FAILING = textwrap.dedent('''
     """train_energykd.py with a RuntimeError injected into the first epoch of one rank."""
     import os, sys
-    import train_energykd
+    from timm_energykd.train import trainer as train_energykd
 
     if os.environ['RANK'] == os.environ['FAIL_RANK']:
         def train_one_epoch(*args, **kwargs):

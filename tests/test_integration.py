@@ -19,11 +19,11 @@ import torch
 import timm
 import yaml
 
-import train_energykd
+from timm_energykd.train import trainer as train_energykd
 from timm_energykd import hub
-from timm_energykd.args import parse_args
+from timm_energykd.train.args import parse_args
 from timm_energykd.demo import make_demo_imagefolder
-from timm_energykd.io import load_checkpoint_file
+from timm_energykd.files import load_checkpoint_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = 'hf_INTEGtokenMustNotLeak9876543210'
@@ -425,7 +425,7 @@ def test_readme_library_snippet_runs(capsys):
 
 def test_readme_flags_and_links_exist():
     import re
-    from timm_energykd.args import build_parser
+    from timm_energykd.train.args import build_parser
     known = {s for a in build_parser()._actions for s in a.option_strings}
     flags = set(re.findall(r'`(--[a-z][a-z0-9-]*)', README))
     assert flags and not flags - known, sorted(flags - known)

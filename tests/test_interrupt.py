@@ -13,9 +13,9 @@ import signal
 import pytest
 import torch
 
-import train_energykd
+from timm_energykd.train import trainer as train_energykd
 from timm_energykd.demo import make_demo_imagefolder
-from timm_energykd.io import load_checkpoint_file
+from timm_energykd.files import load_checkpoint_file
 
 from helpers import random_teacher_checkpoint
 

@@ -5,7 +5,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from timm_energykd.io import load_checkpoint_file, save_checkpoint_atomic, write_atomic
+from timm_energykd.files import load_checkpoint_file, save_checkpoint_atomic, write_atomic
 from timm_energykd.teacher import build_teacher, classifier_weight_key
 
 

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-import train_energykd
+from timm_energykd.train import trainer as train_energykd
 from timm_energykd.demo import make_demo_imagefolder
 from timm_energykd.energy import EnergyThresholds
 

@@ -10,9 +10,9 @@ import pytest
 import timm
 import torch
 
-import train_energykd
+from timm_energykd.train import trainer as train_energykd
 from timm_energykd.demo import make_demo_imagefolder
-from timm_energykd.io import load_checkpoint_file, load_state_dict_file
+from timm_energykd.files import load_checkpoint_file, load_state_dict_file
 from timm_energykd.teacher import build_teacher
 
 REPO = Path(__file__).resolve().parents[1]

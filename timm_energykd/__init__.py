@@ -22,5 +22,5 @@ from . import models
 from . import peer_losses
 from .data import long_tailed_indices, TransformSubset, create_train_eval_datasets
 from .teacher import build_teacher
-from .io import write_atomic, save_checkpoint_atomic, load_checkpoint_file
+from .files import write_atomic, save_checkpoint_atomic, load_checkpoint_file
 from .plots import plot_energy_histogram

@@ -177,7 +177,7 @@ class EnergyThresholds:
 
     def save_json(self, path) -> None:
         """Write as JSON atomically (temp file in the same folder, then ``os.replace``)."""
-        from .io import write_atomic  # one atomic-write implementation for the whole package
+        from .files import write_atomic  # one atomic-write implementation for the whole package
         write_atomic(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod

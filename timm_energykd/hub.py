@@ -671,7 +671,7 @@ def load_training_output(source: Union[str, Path], weights: str = 'auto'):
 
     # weights_only=True: tensors and plain containers only (plus the argparse.Namespace timm's checkpoint
     # saver stores as 'args'); no arbitrary objects are unpickled
-    from .io import load_checkpoint_file
+    from .files import load_checkpoint_file
     ckpt = load_checkpoint_file(ckpt_path, flag='export source')
     if not isinstance(ckpt, dict):
         raise ValueError(f'{ckpt_path} is not a timm checkpoint (expected a dict)')

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .io import write_atomic
+from .files import write_atomic
 
 __all__ = ['plot_energy_histogram', 'render_energy_histogram']
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import timm
 
-from .io import load_state_dict_file
+from .files import load_state_dict_file
 
 __all__ = ['build_teacher', 'classifier_weight_key', 'checkpoint_num_classes']
 

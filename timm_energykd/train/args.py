@@ -577,9 +577,9 @@ def _in_half_open(x: float, lo: float, hi: float) -> bool:
 
 
 def _known_losses() -> List[str]:
-    from . import losses
+    from .. import losses
     try:  # peer losses register into the same registry when that module exists
-        from . import peer_losses  # noqa: F401
+        from .. import peer_losses  # noqa: F401
     except ImportError:
         pass
     return losses.list_distill_losses()
@@ -645,7 +645,7 @@ def validate_args(args: argparse.Namespace) -> None:
     base = g('kd_temperature', 4.0)
     if not base > 0:
         raise ValueError(f'--kd-temperature must be > 0, got {base}')
-    from .losses import uses_energy_temperature
+    from ..losses import uses_energy_temperature
     if loss is None or uses_energy_temperature(loss):
         _check_policy_temperatures(g, base)
     mom = g('running_momentum', 0.9)
