@@ -37,7 +37,8 @@ from timm.utils import (
 from timm.utils.model import unwrap_model
 
 import timm_energykd  # noqa: F401  (registers models and losses)
-from .args import parse_args, validate_args
+from .args import parse_args
+from .checks import validate_args
 from timm_energykd.data import TransformSubset, create_train_eval_datasets, dataset_num_classes
 from timm_energykd.files import check_image_files, check_writable_dir, load_checkpoint_file, write_atomic
 from timm_energykd.peer_losses import BlendedTeacher
