@@ -8,11 +8,16 @@ import argparse
 import logging
 import math
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
+
+import timm
+
+from ..data import TransformSubset
+from ..files import check_image_files, check_writable_dir
 
 from . import args as A
 
-__all__ = ['validate_args', 'UNSUPPORTED', 'FOLDER_DATASETS']
+__all__ = ['validate_args', 'check_trainer_args', 'check_dataset_images', 'UNSUPPORTED', 'FOLDER_DATASETS']
 
 _logger = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ UNSUPPORTED: Dict[str, str] = {
     'train_size_schedule': _SCHEDULED_SIZES, 'train_size_schedule_spread': _SCHEDULED_SIZES,
     'train_size_random_mix': _SCHEDULED_SIZES, 'variable_batch_loss_scale': _SCHEDULED_SIZES,
     'train_batches_per_epoch': 'a fixed number of batches per epoch is not implemented; every epoch sees the data once',
+    'tta': "timm's train.py averages consecutive validation outputs, which needs a loader that repeats each image",
     'log_wandb': _WANDB, 'wandb_project': _WANDB, 'wandb_tags': _WANDB, 'wandb_resume_id': _WANDB,
 }
 
@@ -213,3 +219,67 @@ def validate_args(args: argparse.Namespace) -> None:
 _NOT_DISTILL = {
     'teacher', 'imbalance_factor', 'imbalance_seed', 'demo', 'push_to_hub', 'hub_private', 'hub_revision', 'export_hub',
 }
+
+
+def check_trainer_args(args) -> None:
+    """Trainer settings (fast, before anything is built); one-line ValueError naming the flag."""
+    if args.amp and args.amp_dtype not in ('float16', 'bfloat16'):
+        raise ValueError(f"--amp-dtype must be 'float16' or 'bfloat16', got {args.amp_dtype!r}")
+    if args.model_dtype and args.model_dtype not in ('float32', 'float16', 'bfloat16'):
+        raise ValueError(f"--model-dtype must be float32, float16 or bfloat16, got {args.model_dtype!r}")
+    if args.amp and args.model_dtype not in (None, '', 'float32'):
+        raise ValueError(f'--amp needs a float32 model (--model-dtype {args.model_dtype} given), as in timm')
+    if args.pretrained_path:
+        if not args.pretrained:
+            raise ValueError('--pretrained-path is loaded as the pretrained weights: add --pretrained (as in timm)')
+        if not os.path.isfile(args.pretrained_path):
+            raise FileNotFoundError(f'--pretrained-path: file not found: {args.pretrained_path}')
+    for name, low in (('log_interval', 1), ('checkpoint_hist', 1), ('val_interval', 1), ('recovery_interval', 0),
+                      ('workers', 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f'{_flag(name)} must be >= {low}, got {getattr(args, name)}')
+    if getattr(args, 'grad_accum_steps', 1) < 1:
+        raise ValueError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
+    if args.batch_size < 1:
+        raise ValueError(f'--batch-size must be >= 1, got {args.batch_size}')
+    if args.epochs < 1:
+        raise ValueError(f'--epochs must be >= 1, got {args.epochs}')
+    if args.teacher is None and (args.teacher_checkpoint or args.teacher_pretrained):
+        raise ValueError('--teacher-checkpoint / --teacher-pretrained need --teacher NAME')
+    if args.teacher is not None and args.he_da != 'off' and args.distill_loss is None:
+        raise ValueError('--he-da needs a distillation loss (--distill-loss)')
+    if not timm.is_model(args.model) and not str(args.model).startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        raise ValueError(f"--model: '{args.model}' is not a timm model name (see timm.list_models())")
+    if args.teacher is not None and not timm.is_model(args.teacher) \
+            and not str(args.teacher).startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        raise ValueError(f"--teacher: '{args.teacher}' is not a timm model name (see timm.list_models())")
+    check_writable_dir(args.output or './output/train', '--output')
+
+
+# Up to this many train/val images get their header checked at startup (~1 s for 50k on a local disk); larger
+# sets rely on timm's dataset, which skips an unreadable image with a warning and stops after repeated failures.
+_MAX_IMAGES_CHECKED = 50_000
+
+
+def _image_paths(dataset) -> Optional[List[str]]:
+    """File paths of a timm folder dataset (None for other kinds, e.g. torchvision CIFAR or streaming)."""
+    indices = None
+    if isinstance(dataset, TransformSubset):
+        dataset, indices = dataset.dataset, dataset.indices
+    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
+    if samples is None:
+        return None
+    paths = [s[0] for s in samples]
+    return paths if indices is None else [paths[i] for i in indices]
+
+
+def check_dataset_images(dataset, flag: str = '--data-dir') -> None:
+    """Unreadable images fail here, with the file named, instead of hours into calibration or training."""
+    paths = _image_paths(dataset)
+    if paths is None:
+        return
+    if len(paths) > _MAX_IMAGES_CHECKED:
+        _logger.info(f'{len(paths)} images: skipping the startup image check (limit {_MAX_IMAGES_CHECKED}); '
+                     f'unreadable images are skipped with a warning during training')
+        return
+    check_image_files(paths, flag)
