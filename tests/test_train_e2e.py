@@ -92,7 +92,7 @@ def test_r2kd_with_pruned_teacher_blend(runs):
     assert not isinstance(plain['task'].teacher.model, BlendedTeacher)
     assert r['thresholds'].low != plain['thresholds'].low  # energies come from the blended logits
     last = os.path.join(r['output_dir'], 'last.pth.tar')
-    with pytest.raises(ValueError, match='--teacher-prune-amount 0.3 --teacher-blend-weight 0.6, this run has 0.1'):
+    with pytest.raises(ValueError, match=r'teacher_prune_amount 0.3 -> 0.1; teacher_blend_weight 0.6 -> 0.7'):
         train_energykd.main(runs['distill'] + ['--distill-loss', 'r2kd', '--teacher-prune-amount', '0.1',
                                                '--experiment', 'r2kd-blend', '--epochs', '2', '--resume', last])
 

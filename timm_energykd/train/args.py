@@ -150,6 +150,7 @@ ENERGYKD_GROUPS: Tuple[Tuple[str, Tuple[Tuple[Tuple[str, ...], Dict[str, Any]], 
 # Keys timm's train.py (or a trainer) sets on args at run time; tolerated in a --config YAML, never parsed.
 RUNTIME_KEYS: Set[str] = {
     'rank', 'world_size', 'distributed', 'prefetcher', 'local_rank', 'device_id', 'is_master', 'config',
+    'run_identity',
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 import timm
-from timm.utils import distribute_bn, get_outdir, random_seed, setup_default_logging, update_summary
+from timm.utils import distribute_bn, random_seed, setup_default_logging, update_summary
 from timm.utils.model import unwrap_model
 
 import timm_energykd  # noqa: F401  (registers models and losses)
@@ -31,8 +31,10 @@ from ..data import create_train_eval_datasets, dataset_num_classes
 from ..files import load_checkpoint_file, write_atomic
 from . import build
 from .args import parse_args
-from .checkpoint import AtomicCheckpointSaver, resume_checkpoint, sha256_file
+from .checkpoint import AtomicCheckpointSaver, resume_checkpoint
 from .checks import check_dataset_images, check_trainer_args, validate_args
+from .identity import run_identity, sha256_file
+from .outdir import claim_output_dir
 from .loop import NonFiniteError, train_one_epoch, validate
 
 _logger = logging.getLogger('train')
@@ -74,6 +76,7 @@ def calibration_identity(args, num_samples: int) -> Dict[str, Any]:
         imbalance_factor=args.imbalance_factor,
         imbalance_seed=args.imbalance_seed if args.imbalance_factor is not None else None,
         num_samples=int(num_samples),
+        data_fingerprint=args.run_identity['data_fingerprint'],
         input_size=list(args._data_config['input_size']),
     )
 
@@ -114,26 +117,24 @@ def write_energy_plot(thresholds, path: str, teacher: str) -> None:
         _logger.warning(f'No energy histogram written: {e}')
 
 
-def create_output_dir(args, args_text: str, data_config) -> Optional[str]:
-    """timm's folder (``<output>/<experiment>``, default ``<date>-<model>-<img size>``), rank 0 creates it."""
-    output_dir = None
+def create_output_dir(args, args_text: str, data_config):
+    """timm's folder (``<output>/<experiment>``, default ``<date>-<model>-<img size>``), claimed by rank 0 for
+    this run only (``outdir.claim_output_dir``); returns (path, lock), the lock held until the run ends."""
+    output_dir, lock = None, None
     if args.rank == 0:
-        if args.experiment:
-            exp_name = args.experiment
-        else:
-            exp_name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), timm.models.get_arch_name(args.model),
-                                 str(data_config['input_size'][-1])])
-        base_dir = args.output if args.output else './output/train'
-        created_dir = not os.path.exists(os.path.join(base_dir, exp_name))
-        output_dir = get_outdir(base_dir, exp_name)
-        args._new_output_dir = output_dir if created_dir else None  # removed by main() if no checkpoint follows
+        exp_name = args.experiment or '-'.join([
+            datetime.now().strftime('%Y%m%d-%H%M%S'), timm.models.get_arch_name(args.model),
+            str(data_config['input_size'][-1])])
+        output_dir, created, lock = claim_output_dir(
+            args.output or './output/train', exp_name, named=bool(args.experiment), resume=args.resume)
+        args._new_output_dir = output_dir if created else None  # removed by main() if no checkpoint follows
         write_atomic(os.path.join(output_dir, 'args.yaml'), args_text)
     if args.distributed:
         import torch.distributed as dist
         holder = [output_dir]
         dist.broadcast_object_list(holder, src=0)
         output_dir = holder[0]
-    return output_dir
+    return output_dir, lock
 
 
 def _format_seconds(s: float) -> str:
@@ -166,6 +167,7 @@ def train(args, args_text: str) -> Dict[str, Any]:
         _logger.info(f'Model {args.model} created, param count:{sum(p.numel() for p in model.parameters())}')
     data_config = build.data_config_for(args, model)
     args._data_config = data_config
+    args.run_identity = run_identity(args, dataset_train)
     teacher = build.create_teacher(args, in_chans)
     model = build.place_models(args, model, teacher, device, precision)
     collate_fn, mixup_fn, mixup_active = build.create_mixup(args)
@@ -225,7 +227,7 @@ def train(args, args_text: str) -> Dict[str, Any]:
                     num_epochs=num_epochs, time_s=time.time() - t0, task=task, model=model, nothing_to_do=True)
 
     # ---- output folder (only now: bad flags / files have failed above without leaving a folder) ----
-    output_dir = create_output_dir(args, args_text, data_config)
+    output_dir, output_lock = create_output_dir(args, args_text, data_config)  # noqa: F841 (held open)
 
     # ---- energy thresholds (paper: one teacher pass over the train set before training) ----
     thresholds = calibrate(args, task, dataset_train, train_kw, output_dir, precision, device)
