@@ -276,15 +276,22 @@ def test_tiny_timm_model_trains_loss_goes_down():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_loss_module_without_per_sample_and_nonfinite_rows():
+def test_loss_module_needs_per_sample_and_nonfinite_rows_are_masked():
     class PlainKL(nn.Module):
         uses_energy_temperature = True
 
         def forward(self, s, t, target, temperature):
             return kd_loss_per_sample(s, t, temperature).mean()
 
+    with pytest.raises(ValueError, match='per_sample'):
+        _task(distill_loss=PlainKL(), threshold_mode='batch')
+
+    class RowKL(PlainKL):
+        def per_sample(self, s, t, target, temperature, valid=None):
+            return kd_loss_per_sample(s, t, temperature)
+
     x, y = _batch(6)
-    task = _task(distill_loss=PlainKL(), threshold_mode='batch')
+    task = _task(distill_loss=RowKL(), threshold_mode='batch')
     real = task.teacher.model.forward
     task.teacher.model.forward = lambda inp: torch.cat([real(inp)[:5], torch.full((1, NUM_CLASSES), float('nan'))])
     o = task(x, y)

@@ -155,6 +155,10 @@ class EnergyDistillationTask(TrainingTask):
         elif not isinstance(distill_loss, nn.Module):
             raise ValueError(
                 f'distill_loss must be a registered name or an nn.Module, got {type(distill_loss).__name__}')
+        if not callable(getattr(distill_loss, 'per_sample', None)):
+            raise ValueError(
+                f'distill_loss {type(distill_loss).__name__} has no per_sample(student_logits, teacher_logits, '
+                f'target, temperature, valid=None) -> [B]; every loss needs it (see timm_energykd.losses.DistillLoss)')
 
         teacher = _build_teacher(teacher_model, student_model, teacher_pretrained_path, self.device, self.dtype)
         for p in teacher.parameters():
@@ -361,12 +365,9 @@ class EnergyDistillationTask(TrainingTask):
     def _distill(self, student_logits, teacher_logits, valid, target, temperature) -> torch.Tensor:
         """Distillation loss with non-finite teacher rows masked out (mean over the valid rows)."""
         # replacing bad rows BEFORE the loss keeps NaN/Inf out of the graph (torch.where alone would still
-        # back-propagate 0 * NaN)
+        # back-propagate 0 * NaN); losses with batch terms leave the masked rows out of them (``valid``)
         t_safe = torch.where(valid.unsqueeze(1), teacher_logits.float(), student_logits.detach().float())
-        per_sample = getattr(self.distill_loss, 'per_sample', None)
-        if per_sample is None:
-            return self.distill_loss(student_logits, t_safe, target, temperature)
-        loss = per_sample(student_logits, t_safe, target, temperature)
+        loss = self.distill_loss.per_sample(student_logits, t_safe, target, temperature, valid=valid)
         loss = torch.where(valid, loss, torch.zeros_like(loss))
         return loss.sum() / valid.sum().clamp(min=1)
 

@@ -6,17 +6,22 @@ Here the teacher's class count comes from its weights, and a mismatch with the s
 
     teacher = build_teacher('resnet50', num_classes=1000, pretrained=True)
     teacher = build_teacher('cifar_resnet32x4', num_classes=100, checkpoint='output/train/t/model_best.pth.tar')
+
+Teacher-side transforms live here too: ``BlendedTeacher`` (R2KD's ``0.7 * teacher + 0.3 * pruned teacher``
+logits) wraps a teacher, so energies, thresholds and every loss see the same blended logits.
 """
+import copy
 import logging
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import prune
 import timm
 
 from .files import load_state_dict_file
 
-__all__ = ['build_teacher', 'classifier_weight_key', 'checkpoint_num_classes']
+__all__ = ['build_teacher', 'classifier_weight_key', 'checkpoint_num_classes', 'make_pruned_teacher', 'BlendedTeacher']
 
 _logger = logging.getLogger(__name__)
 
@@ -148,3 +153,67 @@ def build_teacher(
     for p in model.parameters():
         p.requires_grad = False
     return model
+
+
+def make_pruned_teacher(teacher: nn.Module, amount: float = 0.1) -> nn.Module:
+    """A frozen copy of ``teacher`` with ``amount`` of each conv / linear weight zeroed by L1 magnitude.
+
+    Deep-copies the teacher, applies ``torch.nn.utils.prune.l1_unstructured`` to the ``weight`` of every
+    ``nn.Conv1d/2d/3d`` (and transposed) and ``nn.Linear`` module (timm's subclasses included), then
+    ``prune.remove`` so the zeros are baked into plain parameters. The original teacher is not touched.
+    """
+    if not 0 <= amount < 1:
+        raise ValueError(f'make_pruned_teacher: amount must be in [0, 1), got {amount}')
+    pruned = copy.deepcopy(teacher)
+    for module in pruned.modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(
+                getattr(module, 'weight', None), nn.Parameter):
+            prune.l1_unstructured(module, name='weight', amount=amount)
+            prune.remove(module, 'weight')
+    pruned.requires_grad_(False)
+    return pruned
+
+
+class BlendedTeacher(nn.Module):
+    """Teacher whose logits are ``teacher_weight * teacher(x) + (1 - teacher_weight) * pruned(x)`` (R2KD).
+
+    Give it to the distillation task in place of the teacher. ``pretrained_cfg`` and ``num_classes`` are
+    copied from the teacher so normalisation and class-count checks see the same values. Both inner
+    models stay in eval mode whatever ``.train()`` is called with.
+
+    Args:
+        teacher: the trained teacher.
+        pruned_teacher: its pruned copy; None builds one with ``make_pruned_teacher(teacher, prune_amount)``.
+        teacher_weight: weight of the unpruned teacher (0.7 published).
+        prune_amount: fraction of each conv / linear weight pruned when ``pruned_teacher`` is None (0.1).
+    """
+
+    def __init__(
+            self,
+            teacher: nn.Module,
+            pruned_teacher: Optional[nn.Module] = None,
+            teacher_weight: float = 0.7,
+            prune_amount: float = 0.1,
+    ):
+        super().__init__()
+        if not 0 <= teacher_weight <= 1:
+            raise ValueError(f'BlendedTeacher: teacher_weight must be in [0, 1], got {teacher_weight}')
+        self.teacher = teacher
+        self.pruned_teacher = pruned_teacher if pruned_teacher is not None else make_pruned_teacher(
+            teacher, prune_amount)
+        self.teacher_weight = teacher_weight
+        for name in ('pretrained_cfg', 'num_classes'):
+            if hasattr(teacher, name):
+                setattr(self, name, getattr(teacher, name))
+
+    def train(self, mode: bool = True) -> 'BlendedTeacher':
+        # a teacher never trains: keep BatchNorm statistics frozen even when the task calls .train()
+        # (timm 1.0.29's LogitDistillationTask does not keep its teacher in eval itself)
+        self.training = mode
+        self.teacher.eval()
+        self.pruned_teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.teacher_weight
+        return w * self.teacher(x) + (1.0 - w) * self.pruned_teacher(x)
