@@ -341,3 +341,24 @@ def test_ema_checkpoint_state_includes_task_state():
     task.update_ema()
     ckpt = task.get_checkpoint_state(ema=True)
     assert 'state_dict_ema' in ckpt and 'estimator' in ckpt['task_state_ema']
+
+
+def test_task_is_timms_logit_distillation_task():
+    """Shared behaviour comes from timm's class: weighting, train(), prepare_distributed, compile."""
+    task = _task(distill_loss='kd')
+    assert isinstance(task, LogitDistillationTask)
+    for name in ('prepare_distributed', 'compile'):
+        assert getattr(EnergyDistillationTask, name) is getattr(LogitDistillationTask, name), name
+    assert isinstance(task.teacher, timm.task.DistillationTeacher)
+
+
+def test_teacher_name_with_other_pretrained_class_count_is_refused():
+    # timm would drop the 1000-class pretrained head for a 5-class student and give a random one
+    student = timm.create_model('resnet10t', num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match='random'):
+        EnergyDistillationTask(student, 'resnet10t', distill_loss='kd', verbose=False)
+
+
+def test_timm_only_arguments_are_checked():
+    with pytest.raises(ValueError, match='not an argument'):
+        _task(distill_loss='kd', no_such_timm_argument=1)

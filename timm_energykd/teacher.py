@@ -21,7 +21,7 @@ import timm
 
 from .files import load_state_dict_file
 
-__all__ = ['build_teacher', 'classifier_weight_key', 'checkpoint_num_classes', 'make_pruned_teacher', 'BlendedTeacher']
+__all__ = ['build_teacher', 'check_pretrained_head', 'classifier_weight_key', 'checkpoint_num_classes', 'make_pruned_teacher', 'BlendedTeacher']
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +58,28 @@ def has_pretrained_weights(name: str) -> bool:
     except Exception:
         return False
     return bool(cfg is not None and (cfg.hf_hub_id or cfg.url or cfg.file))
+
+
+def check_pretrained_head(name: str, num_classes: Optional[int], pretrained_path: Optional[str] = None) -> None:
+    """Refuse a teacher name whose timm pretrained head predicts another class count than the student.
+
+    timm's ``DistillationTeacher`` builds a named teacher with the student's ``num_classes`` and, when timm's
+    pretrained weights have another class count, drops their classifier: the teacher silently gets a random
+    head. With ``pretrained_path`` timm loads that file strictly at the student's class count (a mismatch
+    fails there), so only timm's own pretrained source is checked here.
+    """
+    if pretrained_path or num_classes is None:
+        return
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        cfg = None
+    got = getattr(cfg, 'num_classes', None) if cfg is not None else None
+    if got is not None and int(got) != int(num_classes):
+        raise ValueError(
+            f"teacher '{name}': timm's pretrained weights predict {got} classes but the student has {num_classes}; "
+            f'timm would replace the head by a random one. Pass a trained teacher module (build_teacher) or '
+            f'teacher_pretrained_path with weights for {num_classes} classes')
 
 
 def resolve_teacher_pretrained(name: str, pretrained: Optional[bool], checkpoint: Optional[str]) -> bool:
