@@ -78,7 +78,7 @@ def test_distill_each_loss(runs, loss, extra):
 
 @pytest.mark.slow
 def test_r2kd_with_pruned_teacher_blend(runs):
-    from timm_energykd.peer_losses import BlendedTeacher
+    from timm_energykd.teacher import BlendedTeacher
     argv = runs['distill'] + ['--distill-loss', 'r2kd', '--teacher-prune-amount', '0.3', '--teacher-blend-weight', '0.6',
                               '--experiment', 'r2kd-blend']
     r = train_energykd.main(argv)

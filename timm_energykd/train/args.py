@@ -577,11 +577,7 @@ def _in_half_open(x: float, lo: float, hi: float) -> bool:
 
 
 def _known_losses() -> List[str]:
-    from .. import losses
-    try:  # peer losses register into the same registry when that module exists
-        from .. import peer_losses  # noqa: F401
-    except ImportError:
-        pass
+    from .. import losses  # the package registers every loss on import
     return losses.list_distill_losses()
 
 

@@ -40,7 +40,7 @@ import timm_energykd  # noqa: F401  (registers models and losses)
 from .args import parse_args, validate_args
 from timm_energykd.data import TransformSubset, create_train_eval_datasets, dataset_num_classes
 from timm_energykd.files import check_image_files, check_writable_dir, load_checkpoint_file, write_atomic
-from timm_energykd.peer_losses import BlendedTeacher
+from timm_energykd.teacher import BlendedTeacher
 from timm_energykd.teacher import build_teacher, resolve_teacher_pretrained
 
 _logger = logging.getLogger('train')
