@@ -11,6 +11,10 @@ Threshold convention (paper Eq. 9/11), shared by every estimator here: with the 
 ascending (0-based), ``low = E[floor(N*r)]`` and ``high = E[min(floor(N*(1-r)), N-1)]``; a sample is
 low-energy when ``E <= low`` and high-energy when ``E > high``; ``r`` is in (0, 0.5].
 
+``rule='authors'`` (dataset thresholds only) reproduces the authors' public code instead: ``low =
+E[int(N*r)]``, ``high = E[N - 1 - int(N*r)]``, low-energy when ``E < low`` (strict), high-energy when
+``E > high``; their calibration pass also skips the last partial batch (``drop_last=True`` here).
+
 Three ways to get thresholds:
 
 * ``calibrate_thresholds``: one no-grad teacher pass over a loader (the paper's and the authors' way),
@@ -32,13 +36,20 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = [
-    'energy_score', 'threshold_indices', 'quantile_index', 'EnergyThresholds', 'calibrate_thresholds',
+    'energy_score', 'threshold_indices', 'quantile_index', 'EnergyThresholds', 'calibrate_thresholds', 'RULES',
     'BatchQuantileThresholds', 'RunningThresholds', 'gather_variable_length',
 ]
 
 _logger = logging.getLogger(__name__)
 
 _HIST_BINS = 50
+
+RULES = ('paper', 'authors')
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule='{rule}'; expected one of: {', '.join(RULES)}")
 
 
 def energy_score(logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -59,14 +70,19 @@ def quantile_index(num_samples: int, fraction: float) -> int:
     return min(int(math.floor(num_samples * fraction + 1e-9)), num_samples - 1)
 
 
-def threshold_indices(num_samples: int, rate: float) -> Tuple[int, int]:
-    """0-based (low, high) indices into N ascending energies: ``(floor(N*r), min(floor(N*(1-r)), N-1))``.
+def threshold_indices(num_samples: int, rate: float, rule: str = 'paper') -> Tuple[int, int]:
+    """0-based (low, high) indices into N ascending energies.
 
-    Example: N=10, r=0.2 -> (2, 8).
+    ``rule='paper'``: ``(floor(N*r), min(floor(N*(1-r)), N-1))``; N=10, r=0.2 -> (2, 8).
+    ``rule='authors'``: ``(int(N*r), N - 1 - int(N*r))`` with Python's float product, as their code; -> (2, 7).
     """
     _check_rate(rate)
+    _check_rule(rule)
     if num_samples < 1:
         raise ValueError(f'num_samples={num_samples}; thresholds need at least one energy')
+    if rule == 'authors':
+        k = min(int(num_samples * rate), num_samples - 1)
+        return k, num_samples - 1 - k
     return quantile_index(num_samples, rate), quantile_index(num_samples, 1.0 - rate)
 
 
@@ -89,7 +105,8 @@ class EnergyThresholds:
     """Energy thresholds computed over a calibration set, with diagnostics and cache identity.
 
     Attributes:
-        low: Low-energy threshold; samples with ``E <= low`` are low-energy (confident).
+        low: Low-energy threshold; samples with ``E <= low`` (``E < low`` under ``rule='authors'``) are
+            low-energy (confident).
         high: High-energy threshold; samples with ``E > high`` are high-energy (uncertain).
         rate: The fraction ``r`` used for both thresholds.
         energy_temperature: ``T_E`` the energies were computed with.
@@ -99,6 +116,7 @@ class EnergyThresholds:
         bin_counts: ``{'low': n, 'mid': n, 'high': n}`` over the calibration set.
         identity: What the thresholds were computed from (teacher, checkpoint sha256, dataset, split, N,
             transform repr, r, T_E...); checked by ``load_json(expect_identity=...)``.
+        rule: ``'paper'`` or ``'authors'``: the index rule used, and the low-group comparison it implies.
     """
     low: float
     high: float
@@ -109,6 +127,7 @@ class EnergyThresholds:
     histogram: Dict[str, Any] = field(default_factory=dict)
     bin_counts: Dict[str, int] = field(default_factory=dict)
     identity: Dict[str, Any] = field(default_factory=dict)
+    rule: str = 'paper'
 
     @property
     def num_bins(self) -> int:
@@ -122,9 +141,11 @@ class EnergyThresholds:
             energy_temperature: float = 4.0,
             num_bins: int = 10,
             identity: Optional[Dict[str, Any]] = None,
+            rule: str = 'paper',
     ) -> 'EnergyThresholds':
-        """Thresholds from a 1-D tensor of energies (any device), using the module's index convention."""
+        """Thresholds from a 1-D tensor of energies (any device), with the index rule ``rule``."""
         _check_rate(rate)
+        _check_rule(rule)
         if num_bins < 2:
             raise ValueError(f'num_bins={num_bins}; expected at least 2')
         e = energies.detach().reshape(-1).double().cpu()
@@ -138,7 +159,7 @@ class EnergyThresholds:
                 f'{bad} of {n} teacher energies are not finite (NaN/Inf teacher logits); check the teacher '
                 f'checkpoint and its input normalisation')
         e_sorted, _ = torch.sort(e)
-        i_low, i_high = threshold_indices(n, rate)
+        i_low, i_high = threshold_indices(n, rate, rule)
         low, high = float(e_sorted[i_low]), float(e_sorted[i_high])
         edges = [float(e_sorted[i]) for i in _bin_edge_indices(n, num_bins)]
         lo, hi = float(e_sorted[0]), float(e_sorted[-1])
@@ -146,7 +167,7 @@ class EnergyThresholds:
             hi = lo + 1e-6  # all energies equal; histc needs a non-empty range
         counts = torch.histc(e, bins=_HIST_BINS, min=lo, max=hi)
         hist_edges = torch.linspace(lo, hi, _HIST_BINS + 1, dtype=torch.float64)
-        n_low = int((e <= low).sum())
+        n_low = int((e < low).sum()) if rule == 'authors' else int((e <= low).sum())
         n_high = int((e > high).sum())
         identity = dict(identity or {})
         return cls(
@@ -159,6 +180,7 @@ class EnergyThresholds:
             histogram={'counts': [int(c) for c in counts.tolist()], 'edges': hist_edges.tolist()},
             bin_counts={'low': n_low, 'mid': n - n_low - n_high, 'high': n_high},
             identity=identity,
+            rule=rule,
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -173,6 +195,7 @@ class EnergyThresholds:
         out = cls(**{k: v for k, v in d.items() if k in names})
         out.low, out.high, out.rate = float(out.low), float(out.high), float(out.rate)
         out.bin_edges = [float(v) for v in out.bin_edges]
+        _check_rule(out.rule)
         return out
 
     def save_json(self, path) -> None:
@@ -247,7 +270,10 @@ def calibrate_thresholds(
         amp_dtype: Optional[torch.dtype] = None,
         progress: bool = True,
         log_interval: int = 50,
-) -> EnergyThresholds:
+        rule: str = 'paper',
+        drop_last: bool = False,
+        return_energies: bool = False,
+):
     """One no-grad teacher pass over ``loader``; thresholds from all the energies.
 
     Under ``torch.distributed`` every rank's energies are all-gathered (lengths may differ) and the
@@ -266,8 +292,17 @@ def calibrate_thresholds(
         amp_dtype: Run the teacher under ``torch.autocast`` with this dtype (energies stay float32).
         progress: Log progress (count, img/s, ETA) on rank 0.
         log_interval: Batches between progress lines.
+        rule: Index rule, ``'paper'`` (default) or ``'authors'`` (see the module docstring).
+        drop_last: Leave out the last batch when it is smaller than the first (the authors' pass skips
+            the partial batch of a loader without ``drop_last``); per rank under DDP.
+        return_energies: Also return the gathered energies that were used (e.g. for HE-DA thresholds at
+            another rate from the same pass: ``EnergyThresholds.from_energies(energies, rate_he, rule=...)``).
+
+    Returns:
+        ``EnergyThresholds``, or ``(EnergyThresholds, energies)`` with ``return_energies=True``.
     """
     _check_rate(rate)
+    _check_rule(rule)
     if num_bins < 2:
         raise ValueError(f'num_bins={num_bins}; expected at least 2')
     rank0 = not _dist_ready() or dist.get_rank() == 0
@@ -301,6 +336,8 @@ def calibrate_thresholds(
                     msg += f'/{num_batches}, ETA {eta:.0f}s'
                 _logger.info(f'{msg}, {seen} images on this rank, {rate_s:.1f} img/s')
 
+    if drop_last and len(energies) > 1 and energies[-1].numel() < energies[0].numel():
+        energies = energies[:-1]
     if energies:
         local = torch.cat(energies)
     else:
@@ -310,12 +347,12 @@ def calibrate_thresholds(
     identity = dict(identity or {})
     identity['N'] = int(all_energies.numel())
     out = EnergyThresholds.from_energies(
-        all_energies, rate, energy_temperature=energy_temperature, num_bins=num_bins, identity=identity)
+        all_energies, rate, energy_temperature=energy_temperature, num_bins=num_bins, identity=identity, rule=rule)
     if progress and rank0:
         _logger.info(
             f'Energy thresholds over {out.num_samples} samples: low={out.low:.4f} high={out.high:.4f} '
-            f'(r={rate}, T_E={energy_temperature}), counts {out.bin_counts}')
-    return out
+            f'(r={rate}, T_E={energy_temperature}, rule={rule}), counts {out.bin_counts}')
+    return (out, all_energies) if return_energies else out
 
 
 def _batch_quantiles(

@@ -255,6 +255,11 @@ class EnergyDistillationTask(LogitDistillationTask):
             raise ValueError(
                 f'thresholds have {len(thresholds.bin_edges)} bin edges; the temperature policy has '
                 f'num_bins={self.num_bins} and needs {self.num_bins - 1} (recalibrate with num_bins={self.num_bins})')
+        policy_rule = getattr(self.temperature_policy, 'rule', None)
+        if policy_rule is not None and policy_rule != thresholds.rule:
+            raise ValueError(
+                f"thresholds were computed with rule='{thresholds.rule}' but the temperature policy compares with "
+                f"rule='{policy_rule}'; use the same rule for both (paper: E <= low; authors: E < low)")
         dev = self.thr_low.device
         self.thr_low = torch.tensor(thresholds.low, dtype=torch.float32, device=dev)
         self.thr_high = torch.tensor(thresholds.high, dtype=torch.float32, device=dev)
@@ -343,6 +348,11 @@ class EnergyDistillationTask(LogitDistillationTask):
             return low, high, edges, high
         return self.thr_low, self.thr_high, self.thr_edges, self.he_da_high
 
+    def _in_low(self, energy: torch.Tensor, low) -> torch.Tensor:
+        """Low-energy group: ``E <= low`` (paper) or ``E < low`` (the authors' rule, from the policy or thresholds)."""
+        rule = getattr(self.temperature_policy, 'rule', None) or getattr(self.thresholds, 'rule', 'paper')
+        return energy < low if rule == 'authors' else energy <= low
+
     def _energy(self, teacher_logits: torch.Tensor):
         """(valid [B] bool, energy [B] float32); rows with non-finite logits get the energy of zero logits."""
         valid = torch.isfinite(teacher_logits).all(dim=-1)
@@ -416,7 +426,7 @@ class EnergyDistillationTask(LogitDistillationTask):
             n_valid = vf.sum().clamp(min=1)
             out.update(
                 energy_mean=(energy * vf).sum() / n_valid,
-                frac_low=((energy <= low).float() * vf).sum() / n_valid,
+                frac_low=(self._in_low(energy, low).float() * vf).sum() / n_valid,
                 frac_high=((energy > high).float() * vf).sum() / n_valid,
                 temp_mean=(temps * vf).sum() / n_valid,
                 teacher_nonfinite=nonfinite,
