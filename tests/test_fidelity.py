@@ -250,3 +250,85 @@ def test_authors_partner_can_be_itself_paper_never():
     assert selfpairs > 0
     with pytest.raises(ValueError, match='topk'):
         HighEnergyMix(rule='authors', selection='topk', rate=0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipes: both variants of the paper's CIFAR-100 settings, and the LS repository's settings
+# ---------------------------------------------------------------------------------------------------------------
+
+import glob  # noqa: E402
+import os  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AUTHORS = sorted(glob.glob(os.path.join(REPO, 'hparams', 'authors', '*.yaml')))
+
+
+def _recipe(path, tmp_path):
+    from timm_energykd.train.args import parse_args
+    from timm_energykd.train.checks import validate_args
+    args, _ = parse_args(['--config', path, str(tmp_path)])
+    validate_args(args)
+    return args
+
+
+def test_every_paper_recipe_has_an_authors_variant():
+    names = {os.path.basename(p) for p in AUTHORS}
+    for p in glob.glob(os.path.join(REPO, 'hparams', 'cifar100_*_*_*.yaml')):
+        name = os.path.basename(p)
+        if '_energy_' in name or name.endswith('_kd_heda.yaml'):
+            assert name in names, name
+
+
+@pytest.mark.parametrize('path', AUTHORS, ids=os.path.basename)
+def test_authors_recipes(path, tmp_path):
+    """Energy KD / DKD: 360 epochs with six LR decays; HE-DA (energyAUG): 240, KD at T 4, HE-DA weight 0.9."""
+    args = _recipe(path, tmp_path)
+    assert args.energykd_rules == 'authors'
+    assert (args.opt, args.momentum, args.batch_size, args.weight_decay) == ('momentum', 0.9, 64, 5e-4)
+    if args.he_da != 'off':
+        assert (args.epochs, list(args.decay_milestones)) == (240, [150, 180, 210])
+        assert (args.distill_loss, args.kd_temperature, args.task_loss_weight, args.distill_loss_weight) == \
+            ('kd', 4.0, 0.1, 0.9)
+        assert (args.he_da, args.he_da_alpha, args.he_da_weight, args.he_da_rate) == ('cutmix', 1.0, 0.9, 0.5)
+    else:
+        assert (args.epochs, list(args.decay_milestones)) == (360, [150, 180, 210, 240, 270, 300])
+        assert args.temp_direction == 'reverse' and args.distill_loss in ('energy_kd', 'energy_dkd')
+        # the authors' ENERGY rates: 0.3 for ResNet56 -> ResNet20, 0.1 for Energy DKD, else 0.2
+        want = 0.3 if 'res56_res20' in path else (0.1 if 'energy_dkd' in path else 0.2)
+        assert args.energy_rate == want
+    with open(path) as f:
+        assert 'Seonghak35/EnergyKD' in f.read()
+
+
+def test_ls_recipes_use_the_official_repository_settings(tmp_path):
+    kd = _recipe(os.path.join(REPO, 'hparams', 'cifar100_res32x4_res8x4_kd_ls.yaml'), tmp_path)
+    assert (kd.kd_temperature, kd.distill_loss_weight, kd.task_loss_weight) == (2.0, 9.0, 0.1)
+    dkd = _recipe(os.path.join(REPO, 'hparams', 'cifar100_res32x4_res8x4_dkd_ls.yaml'), tmp_path)
+    assert (dkd.kd_temperature, dkd.dkd_alpha, dkd.dkd_beta, dkd.task_loss_weight, dkd.distill_loss_weight) == \
+        (2.0, 9.0, 72.0, 1.0, 1.0)
+    assert dkd.dkd_warmup == 20 and dkd.dkd_warmup_mode == 'mdistiller'
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_trainer_threads_the_authors_rules_and_the_warmup_mode(tmp_path):
+    """--energykd-rules authors reaches calibration (index rule, partial batch dropped), the temperature
+    policy, HE-DA and the cache identity; --dkd-warmup-mode reaches the loss (no flag accepted and ignored)."""
+    from helpers import random_teacher_checkpoint
+    from timm_energykd.demo import make_demo_imagefolder
+    from timm_energykd.train import trainer
+    data = make_demo_imagefolder(tmp_path / 'data', train_per_class=7, val_per_class=2, size=32, num_classes=4)
+    ckpt = random_teacher_checkpoint(tmp_path / 't.pth.tar', num_classes=4)
+    common = [str(data), '--img-size', '32', '--batch-size', '8', '--workers', '0', '--device', 'cpu',
+              '--output', str(tmp_path / 'out'), '--warmup-epochs', '0', '--lr', '0.01', '--epochs', '1',
+              '--model', 'test_resnet', '--teacher', 'test_resnet', '--teacher-checkpoint', ckpt]
+    r = trainer.main(common + ['--distill-loss', 'energy_dkd', '--energykd-rules', 'authors', '--temp-direction',
+                               'reverse', '--dkd-warmup', '1', '--dkd-warmup-mode', 'linear', '--he-da', 'cutmix',
+                               '--he-da-rate', '0.5', '--experiment', 'authors'])
+    task, thr = r['task'], r['thresholds']
+    assert thr.rule == 'authors' and thr.num_samples == 24  # 28 images, batch 8: the partial batch of 4 dropped
+    assert thr.identity.get('rule') == 'authors' and task.he_da_thresholds.rule == 'authors'
+    assert task.temperature_policy.rule == 'authors' and task.he_da.rule == 'authors'
+    assert task.distill_loss.warmup_mode == 'linear' and task.distill_loss.warmup_epochs == 1.0
+    p = trainer.main(common + ['--distill-loss', 'energy_kd', '--experiment', 'paper'])
+    assert p['thresholds'].rule == 'paper' and p['thresholds'].num_samples == 28
+    assert 'rule' not in p['thresholds'].identity and p['task'].he_da is None
