@@ -332,3 +332,22 @@ def test_trainer_threads_the_authors_rules_and_the_warmup_mode(tmp_path):
     p = trainer.main(common + ['--distill-loss', 'energy_kd', '--experiment', 'paper'])
     assert p['thresholds'].rule == 'paper' and p['thresholds'].num_samples == 28
     assert 'rule' not in p['thresholds'].identity and p['task'].he_da is None
+
+
+def test_fidelity_doc_every_row_names_an_existing_test():
+    import ast
+    import re
+    text = open(os.path.join(REPO, 'docs', 'FIDELITY.md')).read()
+    rows = [ln for ln in text.splitlines() if ln.startswith('| ') and not ln.startswith(('| rule', '| setting'))]
+    defined = {}
+    for f in glob.glob(os.path.join(REPO, 'tests', 'test_*.py')):
+        tree = ast.parse(open(f).read())
+        defined[os.path.basename(f)] = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert len(rows) >= 20
+    for row in rows:
+        refs = re.findall(r'(?:`(test_\w+\.py))?::(test_\w+)', row)
+        assert refs, row
+        current = None
+        for f, name in refs:
+            current = f or current
+            assert name in defined[current], (current, name)
