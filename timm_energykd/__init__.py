@@ -13,9 +13,9 @@ from .losses import (
     kd_loss_per_sample, dkd_loss_per_sample, dkd_warmup_factor, KDLoss, EnergyKDLoss, DKDLoss, EnergyDKDLoss,
 )
 from .energy import (
-    energy_score, threshold_indices, EnergyThresholds, calibrate_thresholds, BatchQuantileThresholds,
-    RunningThresholds,
+    energy_score, threshold_indices, EnergyThresholds, calibrate_thresholds,
 )
+from .thresholds import BatchQuantileThresholds, RunningThresholds
 from .temperature import TwoBinTemperature, GradedTemperature, create_temperature_policy
 from .mixing import HighEnergyMix, MixResult
 from .task import EnergyDistillationTask

@@ -19,8 +19,8 @@ Three ways to get thresholds:
 
 * ``calibrate_thresholds``: one no-grad teacher pass over a loader (the paper's and the authors' way),
   gathered across ranks, cached as JSON by ``EnergyThresholds.save_json`` / ``load_json``.
-* ``BatchQuantileThresholds``: the same quantiles on each batch's energies (no calibration pass).
-* ``RunningThresholds``: an EMA of the per-batch quantiles, kept in buffers so it is checkpointed.
+* ``thresholds.BatchQuantileThresholds``: the same quantiles on each batch's energies (no calibration pass).
+* ``thresholds.RunningThresholds``: an EMA of the per-batch quantiles, kept in buffers so it is checkpointed.
 """
 import dataclasses
 import json
@@ -33,11 +33,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 __all__ = [
     'energy_score', 'threshold_indices', 'quantile_index', 'EnergyThresholds', 'calibrate_thresholds', 'RULES',
-    'BatchQuantileThresholds', 'RunningThresholds', 'gather_variable_length',
+    'gather_variable_length', 'check_rate',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def energy_score(logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor
     return -temperature * torch.logsumexp(logits.float() / temperature, dim=-1)
 
 
-def _check_rate(rate: float, name: str = 'rate') -> None:
+def check_rate(rate: float, name: str = 'rate') -> None:
     if not (0.0 < float(rate) <= 0.5):
         raise ValueError(f'{name}={rate} is out of range; expected 0 < {name} <= 0.5')
 
@@ -76,7 +75,7 @@ def threshold_indices(num_samples: int, rate: float, rule: str = 'paper') -> Tup
     ``rule='paper'``: ``(floor(N*r), min(floor(N*(1-r)), N-1))``; N=10, r=0.2 -> (2, 8).
     ``rule='authors'``: ``(int(N*r), N - 1 - int(N*r))`` with Python's float product, as their code; -> (2, 7).
     """
-    _check_rate(rate)
+    check_rate(rate)
     _check_rule(rule)
     if num_samples < 1:
         raise ValueError(f'num_samples={num_samples}; thresholds need at least one energy')
@@ -89,15 +88,9 @@ def threshold_indices(num_samples: int, rate: float, rule: str = 'paper') -> Tup
 def _bin_edge_indices(num_samples: int, num_bins: int) -> List[int]:
     """Indices ``min(floor(N * k / num_bins), N - 1)`` of the ``num_bins - 1`` interior quantile edges.
 
-    Integer arithmetic (exact), mirrored on-device by ``_bin_edge_index_tensor``.
+    Integer arithmetic (exact), mirrored on-device in ``thresholds.py``.
     """
     return [min(num_samples * k // num_bins, num_samples - 1) for k in range(1, num_bins)]
-
-
-def _bin_edge_index_tensor(num_samples: int, num_bins: int, device) -> torch.Tensor:
-    # built on the device (no host->device copy, which would stall the stream in a training step)
-    k = torch.arange(1, num_bins, device=device)
-    return (k * num_samples // num_bins).clamp_(max=num_samples - 1)
 
 
 @dataclass
@@ -144,7 +137,7 @@ class EnergyThresholds:
             rule: str = 'paper',
     ) -> 'EnergyThresholds':
         """Thresholds from a 1-D tensor of energies (any device), with the index rule ``rule``."""
-        _check_rate(rate)
+        check_rate(rate)
         _check_rule(rule)
         if num_bins < 2:
             raise ValueError(f'num_bins={num_bins}; expected at least 2')
@@ -301,7 +294,7 @@ def calibrate_thresholds(
     Returns:
         ``EnergyThresholds``, or ``(EnergyThresholds, energies)`` with ``return_energies=True``.
     """
-    _check_rate(rate)
+    check_rate(rate)
     _check_rule(rule)
     if num_bins < 2:
         raise ValueError(f'num_bins={num_bins}; expected at least 2')
@@ -353,114 +346,3 @@ def calibrate_thresholds(
             f'Energy thresholds over {out.num_samples} samples: low={out.low:.4f} high={out.high:.4f} '
             f'(r={rate}, T_E={energy_temperature}, rule={rule}), counts {out.bin_counts}')
     return (out, all_energies) if return_energies else out
-
-
-def _batch_quantiles(
-        energy: torch.Tensor,
-        rate: float,
-        num_bins: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(low, high, bin_edges) of one batch of energies; index positions are python ints -> no host sync."""
-    e_sorted, _ = torch.sort(energy.detach().float().reshape(-1))
-    n = e_sorted.numel()
-    i_low, i_high = threshold_indices(n, rate)
-    edge_idx = _bin_edge_index_tensor(n, num_bins, e_sorted.device)
-    return e_sorted[i_low], e_sorted[i_high], e_sorted.index_select(0, edge_idx)
-
-
-def _gather_equal(energy: torch.Tensor) -> torch.Tensor:
-    """All-gather same-length energies from every rank (training batches; ``drop_last`` keeps sizes equal)."""
-    if not _dist_ready():
-        return energy
-    energy = energy.detach().float().reshape(-1).contiguous()
-    chunks = [torch.empty_like(energy) for _ in range(dist.get_world_size())]
-    dist.all_gather(chunks, energy)
-    return torch.cat(chunks)
-
-
-class BatchQuantileThresholds(nn.Module):
-    """Thresholds from the quantiles of the current batch's energies (no calibration pass).
-
-    ``forward(energy[B]) -> (low, high, bin_edges)`` as float32 tensors on the energy's device.
-
-    Args:
-        rate: Threshold fraction r in (0, 0.5].
-        num_bins: Quantile bins for graded temperatures (``num_bins - 1`` edges).
-        sync_distributed: All-gather the batch energies across ranks first (all ranks then share
-            thresholds; needs equal per-rank batch sizes). Default False: per-rank batch quantiles.
-    """
-
-    def __init__(self, rate: float = 0.2, num_bins: int = 10, sync_distributed: bool = False):
-        super().__init__()
-        _check_rate(rate)
-        if num_bins < 2:
-            raise ValueError(f'num_bins={num_bins}; expected at least 2')
-        self.rate = float(rate)
-        self.num_bins = int(num_bins)
-        self.sync_distributed = sync_distributed
-
-    def forward(self, energy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.sync_distributed:
-            energy = _gather_equal(energy)
-        return _batch_quantiles(energy, self.rate, self.num_bins)
-
-    def extra_repr(self) -> str:
-        return f'rate={self.rate}, num_bins={self.num_bins}'
-
-
-class RunningThresholds(nn.Module):
-    """Exponential moving average of per-batch quantile thresholds.
-
-    ``value = momentum * value + (1 - momentum) * batch_value``; the first batch initialises it. State is
-    in buffers (``low``, ``high``, ``bin_edges``, ``initialized``), so it is in ``state_dict`` and a resume
-    continues exactly. Updates only in training mode; in eval mode the stored values are returned (the
-    batch values until the first update). The update is branch-free (``torch.where``): no host sync.
-
-    Args:
-        rate: Threshold fraction r in (0, 0.5].
-        momentum: Weight of the running value, in [0, 1).
-        num_bins: Quantile bins for graded temperatures (``num_bins - 1`` edges).
-        sync_distributed: All-gather the batch energies across ranks when ``torch.distributed`` is
-            initialised, so every rank keeps the same running thresholds (needs equal per-rank batch sizes).
-    """
-
-    def __init__(self, rate: float = 0.2, momentum: float = 0.9, num_bins: int = 10, sync_distributed: bool = True):
-        super().__init__()
-        _check_rate(rate)
-        if not (0.0 <= momentum < 1.0):
-            raise ValueError(f'momentum={momentum} is out of range; expected 0 <= momentum < 1')
-        if num_bins < 2:
-            raise ValueError(f'num_bins={num_bins}; expected at least 2')
-        self.rate = float(rate)
-        self.momentum = float(momentum)
-        self.num_bins = int(num_bins)
-        self.sync_distributed = sync_distributed
-        self.register_buffer('low', torch.zeros(()))
-        self.register_buffer('high', torch.zeros(()))
-        self.register_buffer('bin_edges', torch.zeros(num_bins - 1))
-        self.register_buffer('initialized', torch.zeros((), dtype=torch.bool))
-
-    def forward(self, energy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.sync_distributed:
-            energy = _gather_equal(energy)
-        b_low, b_high, b_edges = _batch_quantiles(energy, self.rate, self.num_bins)
-        m = self.momentum
-        init = self.initialized
-        low = torch.where(init, m * self.low + (1 - m) * b_low, b_low)
-        high = torch.where(init, m * self.high + (1 - m) * b_high, b_high)
-        edges = torch.where(init, m * self.bin_edges + (1 - m) * b_edges, b_edges)
-        if self.training:
-            with torch.no_grad():
-                self.low.copy_(low)
-                self.high.copy_(high)
-                self.bin_edges.copy_(edges)
-                self.initialized.fill_(True)
-            return low, high, edges
-        return (
-            torch.where(init, self.low, b_low),
-            torch.where(init, self.high, b_high),
-            torch.where(init, self.bin_edges, b_edges),
-        )
-
-    def extra_repr(self) -> str:
-        return f'rate={self.rate}, momentum={self.momentum}, num_bins={self.num_bins}'

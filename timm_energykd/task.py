@@ -19,10 +19,11 @@ import torch.nn as nn
 from timm.task import DistillationTeacher, LogitDistillationTask
 from timm.utils import unwrap_model
 
-from .energy import BatchQuantileThresholds, EnergyThresholds, RunningThresholds, energy_score
+from .energy import EnergyThresholds, energy_score
+from .thresholds import BatchQuantileThresholds, RunningThresholds
 from .losses import create_distill_loss
 from .mixing import HighEnergyMix, mix_targets
-from .teacher import check_pretrained_head
+from .teacher import as_distillation_teacher
 from .temperature import TwoBinTemperature
 
 __all__ = ['EnergyDistillationTask']
@@ -34,30 +35,6 @@ _THRESHOLD_MODES = ('dataset', 'batch', 'running')
 
 # keyword arguments of timm's LogitDistillationTask that only some timm versions have (1.0.31+)
 _TIMM_TASK_ARGS = set(inspect.signature(LogitDistillationTask.__init__).parameters)
-
-
-def _as_teacher(
-        teacher: Union[str, nn.Module, DistillationTeacher],
-        student: nn.Module,
-        pretrained_path: Optional[str],
-        device: Optional[torch.device],
-        dtype: Optional[torch.dtype],
-) -> Union[str, DistillationTeacher]:
-    """What timm's task gets as its teacher.
-
-    A name is left to timm's builder (the student's class count, weights from ``pretrained_path`` or timm's
-    pretrained source), after refusing a pretrained head with another class count, which timm would silently
-    replace by a random one. A module is wrapped in timm's ``DistillationTeacher`` as it is (its own head).
-    """
-    if isinstance(teacher, DistillationTeacher):
-        return teacher
-    if isinstance(teacher, str):
-        check_pretrained_head(teacher, getattr(unwrap_model(student), 'num_classes', None), pretrained_path)
-        return teacher
-    if isinstance(teacher, nn.Module):
-        return DistillationTeacher(teacher, device=device, dtype=dtype)
-    raise TypeError(f'teacher_model must be a model name, an nn.Module or a DistillationTeacher, '
-                    f'got {type(teacher).__name__}')
 
 
 class EnergyDistillationTask(LogitDistillationTask):
@@ -180,7 +157,7 @@ class EnergyDistillationTask(LogitDistillationTask):
             raise ValueError('the student needs pretrained_cfg with mean and std (every timm model has them): '
                              "the teacher's input is re-normalised from the student's normalisation, as in timm")
         # a module teacher is wrapped here with the defaults timm's TrainingTask resolves (cpu, default dtype)
-        teacher = _as_teacher(teacher_model, student_model, teacher_pretrained_path,
+        teacher = as_distillation_teacher(teacher_model, student_model, teacher_pretrained_path,
                               device if device is not None else torch.device('cpu'),
                               dtype if dtype is not None else torch.get_default_dtype())
         super().__init__(

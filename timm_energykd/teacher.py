@@ -12,16 +12,18 @@ logits) wraps a teacher, so energies, thresholds and every loss see the same ble
 """
 import copy
 import logging
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 import timm
+from timm.task import DistillationTeacher
+from timm.utils import unwrap_model
 
 from .files import load_state_dict_file
 
-__all__ = ['build_teacher', 'check_pretrained_head', 'classifier_weight_key', 'checkpoint_num_classes', 'make_pruned_teacher', 'BlendedTeacher']
+__all__ = ['build_teacher', 'check_pretrained_head', 'as_distillation_teacher', 'classifier_weight_key', 'checkpoint_num_classes', 'make_pruned_teacher', 'BlendedTeacher']
 
 _logger = logging.getLogger(__name__)
 
@@ -80,6 +82,30 @@ def check_pretrained_head(name: str, num_classes: Optional[int], pretrained_path
             f"teacher '{name}': timm's pretrained weights predict {got} classes but the student has {num_classes}; "
             f'timm would replace the head by a random one. Pass a trained teacher module (build_teacher) or '
             f'teacher_pretrained_path with weights for {num_classes} classes')
+
+
+def as_distillation_teacher(
+        teacher: Union[str, nn.Module, DistillationTeacher],
+        student: nn.Module,
+        pretrained_path: Optional[str],
+        device: Optional[torch.device],
+        dtype: Optional[torch.dtype],
+) -> Union[str, DistillationTeacher]:
+    """The teacher for timm's ``LogitDistillationTask`` (what ``EnergyDistillationTask`` passes it).
+
+    A name is left to timm's builder (the student's class count, weights from ``pretrained_path`` or timm's
+    pretrained source), after refusing a pretrained head with another class count, which timm would silently
+    replace by a random one. A module is wrapped in timm's ``DistillationTeacher`` as it is (its own head).
+    """
+    if isinstance(teacher, DistillationTeacher):
+        return teacher
+    if isinstance(teacher, str):
+        check_pretrained_head(teacher, getattr(unwrap_model(student), 'num_classes', None), pretrained_path)
+        return teacher
+    if isinstance(teacher, nn.Module):
+        return DistillationTeacher(teacher, device=device, dtype=dtype)
+    raise TypeError(f'teacher_model must be a model name, an nn.Module or a DistillationTeacher, '
+                    f'got {type(teacher).__name__}')
 
 
 def resolve_teacher_pretrained(name: str, pretrained: Optional[bool], checkpoint: Optional[str]) -> bool:
