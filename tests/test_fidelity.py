@@ -351,3 +351,16 @@ def test_fidelity_doc_every_row_names_an_existing_test():
         for f, name in refs:
             current = f or current
             assert name in defined[current], (current, name)
+
+
+@pytest.mark.parametrize('extra,match', [
+    (['--calibration', 'batch'], 'calibration dataset'),
+    (['--he-da', 'cutmix', '--he-da-selection', 'topk'], 'selects HE-DA samples by threshold'),
+])
+def test_authors_rules_refuse_what_they_cannot_apply(extra, match, tmp_path):
+    from timm_energykd.train.args import parse_args
+    from timm_energykd.train.checks import validate_args
+    args, _ = parse_args([str(tmp_path), '--model', 'test_resnet', '--teacher', 'test_resnet',
+                          '--energykd-rules', 'authors'] + extra)
+    with pytest.raises(ValueError, match=match):
+        validate_args(args)

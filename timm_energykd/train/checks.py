@@ -147,6 +147,15 @@ def validate_args(args: argparse.Namespace) -> None:
     if not 0.0 <= mom < 1.0:
         raise ValueError(f'--running-momentum must be in [0, 1), got {mom}')
 
+    if g('energykd_rules', 'paper') == 'authors':
+        # the authors' rules are those of their dataset pass; the online estimators have only the paper's
+        if g('calibration', 'dataset') != 'dataset':
+            raise ValueError(f"--energykd-rules authors needs --calibration dataset (the authors' thresholds come "
+                             f"from one teacher pass), got --calibration {g('calibration')}")
+        if g('he_da', 'off') != 'off' and g('he_da_selection', 'threshold') != 'threshold':
+            raise ValueError("--energykd-rules authors selects HE-DA samples by threshold; "
+                             f"--he-da-selection {g('he_da_selection')} is ours")
+
     he_da = g('he_da', 'off')
     he_rate = g('he_da_rate', 0.3)
     if not _in_half_open(he_rate, 0.0, 0.5):
