@@ -24,7 +24,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, init_distributed_device
 
 from ..data import TransformSubset
-from ..peer_losses import BlendedTeacher
+from ..teacher import BlendedTeacher
 from ..teacher import build_teacher, resolve_teacher_pretrained
 
 _logger = logging.getLogger('train')
@@ -248,7 +248,7 @@ def create_task(args, model, teacher, criterion, device):
         return ClassificationTask(model, criterion, device=device, verbose=args.rank == 0)
     from timm_energykd.mixing import HighEnergyMix
     from timm_energykd.task import EnergyDistillationTask
-    from timm_energykd.losses import create_distill_loss, uses_energy_temperature
+    from timm_energykd.losses import create_distill_loss, loss_kwargs_from_args, uses_energy_temperature
     from timm_energykd.temperature import create_temperature_policy
 
     if not uses_energy_temperature(args.distill_loss):
@@ -260,16 +260,15 @@ def create_task(args, model, teacher, criterion, device):
     else:
         policy = create_temperature_policy(
             'two_bin', base=args.kd_temperature, delta_low=args.temp_delta_low, delta_high=args.temp_delta_high,
-            direction=args.temp_direction, low_temperature=args.temp_low, high_temperature=args.temp_high)
-    loss_kwargs = {}
-    if args.distill_loss in ('dkd', 'energy_dkd', 'dkd_ls'):
-        loss_kwargs = dict(alpha=args.dkd_alpha, beta=args.dkd_beta, warmup_epochs=args.dkd_warmup)
+            direction=args.temp_direction, low_temperature=args.temp_low, high_temperature=args.temp_high,
+            rule=args.energykd_rules)
+    loss_kwargs = loss_kwargs_from_args(args.distill_loss, args)  # the flags the loss declares (e.g. --dkd-*)
     loss_kwargs.update(args.distill_loss_kwargs or {})
     he_da = None
     if args.he_da != 'off':
         he_da = HighEnergyMix(
             mode=args.he_da, alpha=args.he_da_alpha, selection=args.he_da_selection,
-            rate=args.he_da_rate if args.he_da_selection == 'topk' else None)
+            rate=args.he_da_rate if args.he_da_selection == 'topk' else None, rule=args.energykd_rules)
     try:  # built once here so a misspelt or unknown keyword fails in one line naming the flag
         distill_loss = create_distill_loss(args.distill_loss, **loss_kwargs)
     except (TypeError, ValueError) as e:

@@ -78,6 +78,8 @@ def calibration_identity(args, num_samples: int) -> Dict[str, Any]:
         num_samples=int(num_samples),
         data_fingerprint=args.run_identity['data_fingerprint'],
         input_size=list(args._data_config['input_size']),
+        # only recorded for the authors' rules, so caches written before the flag existed stay valid
+        **({'rule': 'authors', 'drop_last': True} if args.energykd_rules == 'authors' else {}),
     )
 
 
@@ -101,7 +103,8 @@ def calibrate(args, task, dataset_train, train_kw, output_dir, precision, device
         task.teacher_logits, loader, args.energy_rate, cache=cache,
         identity=calibration_identity(args, len(dataset_train)), energy_temperature=args.energy_temperature,
         num_bins=int(getattr(task, 'num_bins', 10)), he_da_rate=he_rate, device=device,
-        amp_dtype=precision.amp_dtype, save=args.rank == 0, progress=args.rank == 0, log_interval=args.log_interval)
+        amp_dtype=precision.amp_dtype, save=args.rank == 0, progress=args.rank == 0, log_interval=args.log_interval,
+        rule=args.energykd_rules, drop_last=args.energykd_rules == 'authors')
     if cal.from_cache and args.rank == 0:
         _logger.info(f'Energy thresholds from cache {cache}: low={cal.thresholds.low:.4f} high={cal.thresholds.high:.4f}')
     task.set_thresholds(cal.thresholds, cal.he_da_thresholds)
