@@ -94,8 +94,14 @@ class TransformSubset(tud.Dataset):
         return len(self.indices)
 
 
+def _unwrap_seeded(dataset):
+    from .replay import EpochSeededDataset
+    return dataset.dataset if isinstance(dataset, EpochSeededDataset) else dataset
+
+
 def dataset_targets(dataset) -> List[int]:
     """Labels of a timm ``ImageDataset`` (folder reader) or a torchvision dataset, without decoding images."""
+    dataset = _unwrap_seeded(dataset)
     if isinstance(dataset, TransformSubset):
         return dataset.targets
     targets = getattr(dataset, 'targets', None)
@@ -110,8 +116,9 @@ def dataset_targets(dataset) -> List[int]:
 
 def dataset_num_classes(dataset) -> Optional[int]:
     """Class count of a dataset, or None when it cannot be told cheaply."""
+    dataset = _unwrap_seeded(dataset)
     if isinstance(dataset, TransformSubset):
-        dataset = dataset.dataset
+        dataset = _unwrap_seeded(dataset.dataset)
     classes = getattr(dataset, 'classes', None)
     if classes is not None:
         return len(classes)
