@@ -253,13 +253,20 @@ class _TorchSaveProxy:
     """Stands in for the ``torch`` module inside timm's ``CheckpointSaver._save`` so that its ``torch.save``
     goes through ``save_checkpoint_atomic``; everything else is the real torch."""
 
-    def __init__(self, real):
+    def __init__(self, real, final_path: Optional[str] = None):
         self._real = real
+        self._final = final_path
 
     def save(self, obj, f, *args, **kwargs):
         if args or kwargs or not isinstance(f, (str, os.PathLike)):
             return self._real.save(obj, f, *args, **kwargs)
-        save_checkpoint_atomic(obj, f)
+        try:
+            save_checkpoint_atomic(obj, f)
+        except DiskWriteError as e:
+            if not self._final:
+                raise
+            # timm writes ``last`` via ``tmp.pth.tar``: name the checkpoint the user knows
+            raise DiskWriteError(self._final, e.cause if e.cause is not None else e, e.errno) from None
 
     def __getattr__(self, name):
         return getattr(self._real, name)
@@ -278,7 +285,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def _save(self, save_path, epoch, metric=None):
         import timm.utils.checkpoint_saver as cs
         real = cs.torch
-        cs.torch = _TorchSaveProxy(real)
+        final = None
+        if os.path.basename(save_path) == 'tmp' + self.extension:
+            final = os.path.join(os.path.dirname(save_path), 'last' + self.extension)
+        cs.torch = _TorchSaveProxy(real, final)
         try:
             super()._save(save_path, epoch, metric)
         finally:
