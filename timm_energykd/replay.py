@@ -21,8 +21,8 @@ workers, on every earlier epoch (a resumed run's workers start from a fresh seed
   RNG stream than the uninterrupted run).
 
 Not covered: ``--use-multi-epochs-loader`` (timm's ``MultiEpochsDataLoader`` keeps one iterator for the whole
-run, so workers prefetch the next epoch before ``set_epoch`` can run; ``seed_loader_epoch`` refuses it) and
-streaming (iterable) datasets, which have no sample index.
+run, so workers prefetch the next epoch before ``set_epoch`` can run; see ``loader_is_exact``) and streaming
+(iterable) datasets, which have no sample index.
 
 Usage (what the trainer does)::
 
@@ -39,7 +39,8 @@ import numpy as np
 import torch
 import torch.utils.data as tud
 
-__all__ = ['sample_seed', 'EpochSeededDataset', 'seed_loader_epoch', 'find_epoch_seeded', 'CALIBRATION_EPOCH']
+__all__ = ['sample_seed', 'EpochSeededDataset', 'seed_loader_epoch', 'loader_is_exact', 'find_epoch_seeded',
+           'CALIBRATION_EPOCH']
 
 _MASK64 = (1 << 64) - 1
 
@@ -129,14 +130,19 @@ def find_epoch_seeded(dataset) -> Optional[EpochSeededDataset]:
     return None
 
 
+def loader_is_exact(loader) -> bool:
+    """False for timm's ``MultiEpochsDataLoader`` (``--use-multi-epochs-loader``): it keeps one iterator for
+    the whole run, so its workers prefetch the first batches of the next epoch before ``set_epoch`` runs, and
+    how many they prefetch depends on timing. Its stream is then not a function of (seed, epoch)."""
+    dl = getattr(loader, 'loader', loader)
+    return type(dl).__name__ != 'MultiEpochsDataLoader'
+
+
 def seed_loader_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:
     """Make ``loader``'s next epoch a function of ``(seed, epoch)`` (and ``rank`` for the workers' base seed):
     the dataset's epoch (``EpochSeededDataset``), the shuffle order and the DataLoader's generator. Call it
     before ``iter(loader)`` / ``for batch in loader``. Accepts timm's ``PrefetchLoader`` (``.loader``)."""
     dl = getattr(loader, 'loader', loader)  # timm PrefetchLoader wraps the DataLoader
-    if type(dl).__name__ == 'MultiEpochsDataLoader':
-        raise ValueError('--use-multi-epochs-loader keeps one iterator for the whole run (workers prefetch the '
-                         'next epoch early), so the per-epoch data seed cannot reach them; drop the flag')
     ds = find_epoch_seeded(getattr(dl, 'dataset', None))
     if ds is not None:
         ds.set_epoch(epoch)
