@@ -154,3 +154,21 @@ def test_multi_epochs_loader_is_reported_inexact(train_set):
     loader = _loader(EpochSeededDataset(train_set, SEED), 0, use_multi_epochs_loader=True)
     assert not loader_is_exact(loader)
     seed_loader_epoch(loader, SEED, 0)  # best effort, no error
+
+
+def test_calibration_images_equal_for_one_or_two_processes_with_augmentation(train_set):
+    """The calibration pass under torchrun (strided split per rank) sees exactly the augmented images of a single
+    process, so the thresholds are equal with augmentation too (before, only with --no-aug)."""
+    from types import SimpleNamespace
+    from timm_energykd.train import build
+    ds = EpochSeededDataset(train_set, SEED)
+    train_kw = dict(input_size=(3, 16, 16), is_training=True, use_prefetcher=False, num_workers=0, scale=(0.3, 1.0),
+                    hflip=0.5, color_jitter=0.4, re_prob=0.5, distributed=False)
+
+    def images(world, rank):
+        args = SimpleNamespace(distributed=world > 1, rank=rank, world_size=world, batch_size=3, seed=SEED)
+        return [x.numpy().tobytes() for xb, _ in build.create_calibration_loader(args, ds, train_kw) for x in xb]
+
+    single = images(1, 0)
+    assert len(single) == len(train_set) == len(set(single))
+    assert sorted(single) == sorted(images(2, 0) + images(2, 1))
