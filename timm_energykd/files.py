@@ -24,7 +24,7 @@ import torch
 from timm.utils import CheckpointSaver
 
 __all__ = ['write_atomic', 'save_checkpoint_atomic', 'torch_save_file', 'atomic_output', 'DiskWriteError',
-           'AtomicCheckpointSaver', 'default_file_mode', 'default_dir_mode', 'apply_umask', 'load_checkpoint_file',
+           'AtomicCheckpointSaver', 'trim_summary', 'default_file_mode', 'default_dir_mode', 'apply_umask', 'load_checkpoint_file',
            'load_state_dict_file', 'check_writable_dir', 'check_image_files', 'check_regular_file']
 
 PathLike = Union[str, os.PathLike]
@@ -247,6 +247,37 @@ def save_checkpoint_atomic(state: Dict[str, Any], path: PathLike) -> Path:
         except DiskWriteError as e:  # name the destination, not the temp file
             raise DiskWriteError(path, e.cause if e.cause is not None else e, e.errno) from None
     return path
+
+
+def trim_summary(path: PathLike, start_epoch: int) -> int:
+    """Before a resumed run appends to ``summary.csv`` (timm's ``update_summary``): keep the header and the rows
+    of epochs before ``start_epoch``, drop later rows and a partial last line, atomically. Rows past the resumed
+    checkpoint exist when a run stopped between its summary row and its checkpoint (disk full, kill), and would
+    repeat (epochs 0, 1, 1, 2). Returns the number of rows dropped; a missing file is left missing."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    text = path.read_text(encoding='utf-8', errors='replace')
+    lines = text.split('\n')
+    complete = lines[:-1]  # a last line without its newline is partial (killed mid-write)
+    if not complete:
+        return 0
+    keep = [complete[0]]
+    dropped = int(lines[-1].strip() != '')
+    for line in complete[1:]:
+        head = line.split(',', 1)[0].strip()
+        try:
+            epoch = int(float(head))
+        except ValueError:
+            dropped += 1
+            continue
+        if epoch < start_epoch:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_atomic(path, '\n'.join(keep) + '\n')
+    return dropped
 
 
 class _TorchSaveProxy:

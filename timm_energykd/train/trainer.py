@@ -28,7 +28,7 @@ from timm.utils.model import unwrap_model
 import timm_energykd  # noqa: F401  (registers models and losses)
 from ..calibration import calibrate_or_load
 from ..data import create_train_eval_datasets, dataset_num_classes
-from ..files import DiskWriteError, load_checkpoint_file, write_atomic
+from ..files import DiskWriteError, load_checkpoint_file, trim_summary, write_atomic
 from ..replay import EpochSeededDataset, seed_loader_epoch
 from . import build
 from .args import parse_args
@@ -256,6 +256,11 @@ def train(args, args_text: str) -> Dict[str, Any]:
     best_metric, best_epoch = None, None
     eval_metrics: Dict[str, float] = {}
     summary_path = os.path.join(output_dir, 'summary.csv') if output_dir else None
+    if summary_path and start_epoch > 0:
+        # rows past the checkpoint (a run stopped between its summary row and its checkpoint) would repeat
+        dropped = trim_summary(summary_path, start_epoch)
+        if dropped:
+            _logger.info(f'summary.csv: dropped {dropped} row(s) from epoch {start_epoch} on (not in the checkpoint)')
     num_updates = start_epoch * updates_per_epoch
     t_loop = time.time()
     for epoch in range(start_epoch, num_epochs):
