@@ -482,3 +482,13 @@ def test_hub_export_respects_the_umask(tmp_path):
         folder = hub.export_for_hub(model, tmp_path / 'hub', run_info={'model': 'test_resnet'})
     modes = {p.name: oct(stat.S_IMODE(os.stat(p).st_mode)) for p in Path(folder).iterdir()}
     assert set(modes.values()) == {'0o644'}, modes
+
+
+def test_empty_sub_folder_inside_a_class_with_images_is_ignored(data):
+    (data / 'train' / 'circle' / '.ipynb_checkpoints').mkdir()  # clutter inside a class, as timm ignores it
+    train, _ = create_train_eval_datasets(_Args(data))
+    assert len(train) == 12 and sorted(train.reader.class_to_idx) == sorted(CLASSES)
+
+
+def test_explicit_train_split_not_found(data, tmp_path):
+    _refused(data, tmp_path, FileNotFoundError, r'^--train-split: folder .*/trn not found$', '--train-split', 'trn')

@@ -222,8 +222,8 @@ def scan_image_folder(root: str, split_desc: str = 'train', flag: str = '--data-
     skipped: List[str] = []
     seen_real: Dict[str, str] = {}  # real path -> first name it was reached by
 
-    def walk(folder: str, real: str, label: str) -> int:
-        """Number of images at or below ``folder``."""
+    def walk(folder: str, real: str, label: str) -> Tuple[int, bool]:
+        """(number of images at or below ``folder``, whether ``folder`` is a leaf folder with no images)."""
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
@@ -231,6 +231,7 @@ def scan_image_folder(root: str, split_desc: str = 'train', flag: str = '--data-
         here = 0
         below = 0
         has_subdirs = False
+        empty_children: List[str] = []
         for entry in entries:
             path = entry.path
             try:
@@ -247,7 +248,10 @@ def scan_image_folder(root: str, split_desc: str = 'train', flag: str = '--data-
                                      f'linked twice); each class of the {split_desc} split needs its own folder')
                 seen_real[sub_real] = path
                 has_subdirs = True
-                below += walk(path, sub_real, entry.name)
+                n, empty_leaf = walk(path, sub_real, entry.name)
+                below += n
+                if empty_leaf:
+                    empty_children.append(path)
                 continue
             ext = os.path.splitext(entry.name)[1].lower()
             if ext not in exts:
@@ -264,13 +268,14 @@ def scan_image_folder(root: str, split_desc: str = 'train', flag: str = '--data-
                                  f'must be in class folders ({root}/<class>/...): move or remove it')
             samples.append((path, label))
             here += 1
-        if here or not has_subdirs:
-            if folder != root:
-                folder_counts[folder] = here
-            if here == 0 and folder != root and not has_subdirs:
-                raise ValueError(f'{flag}: class folder {folder} of the {split_desc} split has no images '
-                                 f'({", ".join(sorted(exts))}); add images or remove the folder')
-        return here + below
+        if here:
+            folder_counts[folder] = here
+        elif empty_children:
+            # an empty leaf where class folders sit (beside other classes, or directly in the split folder) is an
+            # empty class; an empty sub-folder inside a class folder that has images is clutter, as in timm
+            raise ValueError(f'{flag}: class folder {empty_children[0]} of the {split_desc} split has no images '
+                             f'({", ".join(sorted(exts))}); add images or remove the folder')
+        return here + below, (here == 0 and not has_subdirs)
 
     real_root = os.path.realpath(root)
     seen_real[real_root] = root
@@ -381,10 +386,7 @@ def create_train_eval_datasets(args) -> Tuple[tud.Dataset, Optional[tud.Dataset]
 
 def _create_folder_datasets(args, input_img_mode):
     root = args.data_dir
-    try:
-        train_folder = find_split_folder(root, args.train_split, is_training=True)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f'--data-dir {root}: {e}') from None
+    train_folder = find_split_folder(root, args.train_split, is_training=True)
     class_to_idx = _load_class_map(args.class_map, train_folder) if args.class_map else None
     try:
         dataset_train, train_scan = _build_folder_split(train_folder, 'train', class_to_idx,
