@@ -281,8 +281,9 @@ def scan_image_folder(root: str, split_desc: str = 'train', flag: str = '--data-
     seen_real[real_root] = root
     walk(root, real_root, '')
     if skipped:
+        more = ' ...' if len(skipped) > 1 else ''
         _logger.warning(f'{flag}: {len(skipped)} folder symlink(s) in the {split_desc} split point to the folder '
-                        f'itself or a parent (a loop), not followed: {skipped[0]}' + (' ...' if len(skipped) > 1 else ''))
+                        f'itself or a parent (a loop), not followed: {skipped[0]}{more}')
     samples.sort(key=lambda s: _natural_key(s[0]))
     return FolderScan(root, samples, folder_counts, skipped)
 

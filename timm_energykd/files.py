@@ -24,8 +24,9 @@ import torch
 from timm.utils import CheckpointSaver
 
 __all__ = ['write_atomic', 'save_checkpoint_atomic', 'torch_save_file', 'atomic_output', 'DiskWriteError',
-           'AtomicCheckpointSaver', 'trim_summary', 'default_file_mode', 'default_dir_mode', 'apply_umask', 'load_checkpoint_file',
-           'load_state_dict_file', 'check_writable_dir', 'check_image_files', 'check_regular_file']
+           'AtomicCheckpointSaver', 'trim_summary', 'default_file_mode', 'default_dir_mode', 'apply_umask',
+           'load_checkpoint_file', 'load_state_dict_file', 'check_writable_dir', 'check_image_files',
+           'check_regular_file']
 
 PathLike = Union[str, os.PathLike]
 

@@ -1,6 +1,5 @@
 """Checkpoints: timm's CheckpointSaver made atomic, and ``--resume`` that restores exactly what was saved."""
 import hashlib
-import os
 from typing import Optional
 
 from timm.utils.model import unwrap_model
