@@ -492,3 +492,22 @@ def test_empty_sub_folder_inside_a_class_with_images_is_ignored(data):
 
 def test_explicit_train_split_not_found(data, tmp_path):
     _refused(data, tmp_path, FileNotFoundError, r'^--train-split: folder .*/trn not found$', '--train-split', 'trn')
+
+
+# ---- class 7 helper: a cheap dataset fingerprint for cache identities ---------------------------------------
+
+def test_dataset_fingerprint_changes_when_images_change_in_place(data):
+    from timm_energykd.data import TransformSubset, dataset_fingerprint
+    from timm_energykd.replay import EpochSeededDataset
+    fp = dataset_fingerprint(create_train_eval_datasets(_Args(data))[0])
+    assert fp == dataset_fingerprint(create_train_eval_datasets(_Args(data))[0])  # stable
+    moved = shutil.copytree(data, data.parent / 'moved')  # same content elsewhere: same fingerprint
+    train_moved = create_train_eval_datasets(_Args(moved))[0]
+    for src, dst in zip(sorted((data / 'train').rglob('*.png')), sorted((moved / 'train').rglob('*.png'))):
+        shutil.copystat(src, dst)
+    assert dataset_fingerprint(train_moved) == fp
+    assert dataset_fingerprint(EpochSeededDataset(train_moved, 3)) == fp
+    assert dataset_fingerprint(TransformSubset(train_moved, [0, 1])) != fp
+    victim = sorted((data / 'train' / 'square').glob('*.png'))[0]
+    shutil.copy(sorted((data / 'train' / 'circle').glob('*.png'))[0], victim)  # replaced in place
+    assert dataset_fingerprint(create_train_eval_datasets(_Args(data))[0]) != fp
