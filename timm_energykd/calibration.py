@@ -11,7 +11,6 @@ The teacher is only a function from images to logits, so the task, the trainer a
 same way. Under ``torch.distributed`` each rank passes its own share of the samples; energies are gathered,
 so every rank gets the single-process thresholds over the union. Only ``save=True`` (rank 0) writes.
 """
-import hashlib
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ import torch
 
 from .energy import EnergyThresholds, calibrate_thresholds
 
-__all__ = ['Calibration', 'calibrate_or_load', 'he_da_cache_path', 'check_threshold_values', 'dataset_fingerprint']
+__all__ = ['Calibration', 'calibrate_or_load', 'he_da_cache_path', 'check_threshold_values']
 
 _logger = logging.getLogger(__name__)
 
@@ -52,38 +51,6 @@ def check_threshold_values(thresholds: EnergyThresholds, source: str) -> EnergyT
     if any(not math.isfinite(float(e)) for e in edges) or edges != sorted(edges):
         raise ValueError(f'{source}: energy bin edges are not finite and ascending; delete it to recalibrate')
     return thresholds
-
-
-# Up to this many files are stat-ed for the fingerprint (all of CIFAR, an even stride through ImageNet).
-_FINGERPRINT_FILES = 50_000
-
-
-def dataset_fingerprint(dataset) -> str:
-    """A cheap identity of a folder dataset's content: its samples (relative path, label) and the size and
-    modification time of up to 50k of its files, so replacing images in place changes the identity.
-
-    Datasets without a file list (torchvision CIFAR, streaming) are identified by their length only.
-    """
-    indices = getattr(dataset, 'indices', None)
-    base = getattr(dataset, 'dataset', dataset) if indices is not None else dataset
-    samples = getattr(getattr(base, 'reader', None), 'samples', None)
-    h = hashlib.sha256()
-    if samples is None:
-        h.update(f'{type(base).__name__}:{len(dataset)}'.encode())
-        return h.hexdigest()[:16]
-    if indices is not None:
-        samples = [samples[i] for i in indices]
-    root = os.path.commonpath([s[0] for s in samples]) if samples else ''
-    stride = max(1, len(samples) // _FINGERPRINT_FILES)
-    for i, (path, label) in enumerate(samples):
-        h.update(f'{os.path.relpath(path, root)}\0{int(label)}\n'.encode())
-        if i % stride == 0:
-            try:
-                st = os.stat(path)
-                h.update(f'{st.st_size}:{st.st_mtime_ns}\n'.encode())
-            except OSError:
-                h.update(b'missing\n')
-    return h.hexdigest()[:16]
 
 
 def _load(path: str, identity: Dict[str, Any]) -> EnergyThresholds:

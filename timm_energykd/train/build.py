@@ -24,6 +24,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, init_distributed_device
 
 from ..data import TransformSubset
+from ..replay import CALIBRATION_EPOCH, loader_is_exact, seed_loader_epoch
 from ..teacher import BlendedTeacher
 from ..teacher import build_teacher, resolve_teacher_pretrained
 
@@ -212,6 +213,9 @@ def create_loaders(args, dataset_train, dataset_eval, data_config, device, colla
         use_multi_epochs_loader=args.use_multi_epochs_loader, worker_seeding=args.worker_seeding,
     )
     loader_train = create_loader(dataset_train, batch_size=args.batch_size, collate_fn=collate_fn, **train_kw)
+    if not loader_is_exact(loader_train) and args.rank == 0:
+        _logger.warning('--use-multi-epochs-loader: workers prefetch across epochs, so augmentation is not a '
+                        'function of (seed, epoch) and a resumed run is not bit-identical to an uninterrupted one')
     loader_eval = None
     if dataset_eval is not None:
         loader_eval = create_loader(
@@ -232,6 +236,8 @@ def create_calibration_loader(args, dataset_train, train_kw):
     batch_sampler = getattr(getattr(loader, 'loader', loader), 'batch_sampler', None)
     if batch_sampler is not None and hasattr(batch_sampler, 'drop_last'):
         batch_sampler.drop_last = False
+    # augmentation per (seed, sample index) of its own stream: equal for any worker / process count
+    seed_loader_epoch(loader, args.seed, CALIBRATION_EPOCH, args.rank)
     return loader
 
 

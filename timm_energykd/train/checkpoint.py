@@ -1,37 +1,15 @@
 """Checkpoints: timm's CheckpointSaver made atomic, and ``--resume`` that restores exactly what was saved."""
-import os
-import shutil
 from typing import Optional
 
-from timm.utils import CheckpointSaver
 from timm.utils.model import unwrap_model
 
+from .. import files
 from ..files import load_checkpoint_file
 from .identity import identity_differences, sha256_file
 
 
-class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver writes ``last`` via a temp file, but unlinks the old ``last`` before the rename,
-    and the copy to ``model_best`` / ``checkpoint-N`` unlinks then links (or copies) in place. Here every
-    file appears through a temp name and one ``os.replace``, so a kill at any moment leaves each checkpoint
-    either the previous complete version or the new complete one."""
-
-    def _replace(self, src, dst):
-        if os.name == 'nt':
-            return super()._replace(src, dst)
-        # timm unlinks ``last`` before the rename, so a kill in between would leave no last checkpoint;
-        # os.replace alone is atomic on POSIX (a hard-linked checkpoint-N keeps its own inode)
-        os.replace(src, dst)
-
-    def _duplicate(self, src, dst):
-        tmp = dst + '.tmp-dup'
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        try:
-            os.link(src, tmp)
-        except (OSError, NotImplementedError):
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
+# timm's CheckpointSaver made atomic, umask-respecting and with one-line disk errors: see timm_energykd.files
+AtomicCheckpointSaver = files.AtomicCheckpointSaver
 
 
 def check_resume_matches(args, ckpt) -> None:

@@ -8,7 +8,7 @@ import argparse
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import timm
 

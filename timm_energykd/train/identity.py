@@ -10,7 +10,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
-from ..calibration import dataset_fingerprint
+from ..data import dataset_fingerprint
 from .args import energykd_flag_dests
 
 __all__ = ['run_identity', 'identity_differences', 'sha256_file']

@@ -28,7 +28,8 @@ from timm.utils.model import unwrap_model
 import timm_energykd  # noqa: F401  (registers models and losses)
 from ..calibration import calibrate_or_load
 from ..data import create_train_eval_datasets, dataset_num_classes
-from ..files import load_checkpoint_file, write_atomic
+from ..files import DiskWriteError, load_checkpoint_file, trim_summary, write_atomic
+from ..replay import EpochSeededDataset, seed_loader_epoch
 from . import build
 from .args import parse_args
 from .checkpoint import AtomicCheckpointSaver, resume_checkpoint
@@ -58,6 +59,10 @@ def build_data(args):
     check_dataset_images(dataset_train)
     if dataset_eval is not None:
         check_dataset_images(dataset_eval)
+    if not isinstance(dataset_train, torch.utils.data.IterableDataset):
+        # augmentation per (seed, epoch, sample index): the same for any --workers, persistent or not, and any
+        # process count, so a resumed run replays the uninterrupted one exactly (seed_loader_epoch each epoch)
+        dataset_train = EpochSeededDataset(dataset_train, seed=args.seed)
     return dataset_train, dataset_eval
 
 
@@ -256,14 +261,19 @@ def train(args, args_text: str) -> Dict[str, Any]:
     best_metric, best_epoch = None, None
     eval_metrics: Dict[str, float] = {}
     summary_path = os.path.join(output_dir, 'summary.csv') if output_dir else None
+    if summary_path and start_epoch > 0:
+        # rows past the checkpoint (a run stopped between its summary row and its checkpoint) would repeat
+        dropped = trim_summary(summary_path, start_epoch)
+        if dropped:
+            _logger.info(f'summary.csv: dropped {dropped} row(s) from epoch {start_epoch} on (not in the checkpoint)')
     num_updates = start_epoch * updates_per_epoch
     t_loop = time.time()
     for epoch in range(start_epoch, num_epochs):
-        if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        # every epoch's randomness (shuffle, augmentation, dropout, HE-DA / mixup draws) depends only on
-        # (seed, rank, epoch), so a run resumed from an epoch checkpoint replays exactly what an uninterrupted
-        # run would have done; epoch 0 is seeded like timm (seed + rank)
+        # every epoch's randomness depends only on (seed, rank, epoch), so a run resumed from an epoch checkpoint
+        # replays exactly what an uninterrupted run would have done, with any number of (persistent) workers:
+        # shuffle order and augmentation from seed_loader_epoch (per sample index, before the epoch's iterator
+        # is created), dropout and HE-DA / mixup draws from the global RNGs (epoch 0 seeded like timm: seed + rank)
+        seed_loader_epoch(loader_train, args.seed, epoch, args.rank)
         random_seed(args.seed, args.rank + args.world_size * epoch)
         train_metrics, num_updates = train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, lr_scheduler=lr_scheduler,
@@ -387,4 +397,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteError as e:
         print(f'train_energykd.py: error: {e}', file=sys.stderr)
         return 3
+    except DiskWriteError as e:  # disk full / read-only: the message names the file and the problem
+        print(f'train_energykd.py: error: {e}', file=sys.stderr)
+        return 1
     return 0
