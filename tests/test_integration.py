@@ -37,7 +37,7 @@ def run(tmp_path_factory):
     data = make_demo_imagefolder(root / 'data', train_per_class=8, val_per_class=4, size=32, num_classes=4)
     argv = [str(data), '--img-size', '32', '--batch-size', '8', '--workers', '0', '--device', 'cpu',
             '--output', str(root / 'out'), '--experiment', 'student', '--warmup-epochs', '0', '--lr', '0.05',
-            '--model', 'test_resnet', '--teacher', 'cifar_resnet8', '--distill-loss', 'energy_kd',
+            '--model', 'test_resnet', '--teacher', 'cifar_resnet8', '--no-teacher-pretrained', '--distill-loss', 'energy_kd',
             '--epochs', '2', '--energy-rate', '0.25', '--energy-temperature', '2', '--kd-temperature', '3',
             '--temp-direction', 'reverse', '--he-da', 'cutmix', '--he-da-rate', '0.4', '--model-ema',
             '--task-loss-weight', '0.1', '--distill-loss-weight', '0.9', '--export-hub', str(root / 'export')]
