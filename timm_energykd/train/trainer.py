@@ -28,11 +28,11 @@ from timm.utils.model import unwrap_model
 import timm_energykd  # noqa: F401  (registers models and losses)
 from ..calibration import calibrate_or_load
 from ..data import create_train_eval_datasets, dataset_num_classes
-from ..files import DiskWriteError, load_checkpoint_file, trim_summary, write_atomic
+from ..files import DiskWriteError, load_checkpoint_file, write_atomic
 from ..replay import EpochSeededDataset, seed_loader_epoch
 from . import build
 from .args import parse_args
-from .checkpoint import AtomicCheckpointSaver, resume_checkpoint
+from .checkpoint import AtomicCheckpointSaver, resume_checkpoint, trim_summary
 from .checks import check_dataset_images, check_trainer_args, validate_args
 from .identity import run_identity, sha256_file
 from .outdir import claim_output_dir
