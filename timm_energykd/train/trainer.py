@@ -206,8 +206,9 @@ def train(args, args_text: str) -> Dict[str, Any]:
         if task.has_ema():
             task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:
-        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None,
-                                 broadcast_buffers=not args.no_ddp_bb)
+        # --no-ddp-bb as in timm; the default is DDP's own (torch 2.14 warns on an explicit broadcast_buffers)
+        ddp_kwargs = dict(broadcast_buffers=False) if args.no_ddp_bb else {}
+        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None, **ddp_kwargs)
 
     # ---- loaders and schedule ----
     loader_train, loader_eval, train_kw = build.create_loaders(
