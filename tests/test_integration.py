@@ -408,7 +408,8 @@ def test_readme_first_commands():
     assert README.index('```bash') < README.index('## ')  # before any section
 
 
-def test_readme_library_snippet_runs(capsys):
+def test_readme_library_snippet_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the snippet writes its threshold cache into the current folder
     blocks = _python_blocks(README)
     lib = next(b for b in blocks if 'EnergyDistillationTask(' in b)
     threads = torch.get_num_threads()
@@ -419,6 +420,7 @@ def test_readme_library_snippet_runs(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "'kd_loss'" in out and "'energy_kd'" in out
+    assert (tmp_path / 'energy_thresholds.json').is_file()  # the paper's thresholds, cached in one call
     for b in blocks:  # the others need a Hub repo / files; they must at least be valid Python
         compile(b, 'README.md', 'exec')
 
