@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from timm_energykd.train import args as A
+from timm_energykd.train import checks as C
 from timm_energykd import losses
 
 # Number of timm train.py option flags this parser accepts (see docs/FLAGS.md for the source of the list).
@@ -121,7 +122,7 @@ def test_config_kd_model_name_only(tmp_path):
 
 def test_config_converts_and_checks_values(tmp_path):
     cfg = _write_yaml(tmp_path / 'ok.yaml', dict(lr='3e-4', epochs='10', mean=['0.5', 0.4, '0.3'], input_size=[3, 32, 32],
-                                                 he_da='mixup', opt_kwargs={'foo': 1}, pretrained_cfg_overlay=None))
+                                                 he_da='mixup', opt_kwargs={'foo': 1}))
     args = parse('--config', cfg)
     assert args.lr == 3e-4 and args.epochs == 10 and args.mean == [0.5, 0.4, 0.3] and args.he_da == 'mixup'
     for bad in (dict(lr='fast'), dict(input_size=224), dict(decay_milestones=[1, 'x']), dict(he_da='always'),
@@ -130,14 +131,17 @@ def test_config_converts_and_checks_values(tmp_path):
             parse('--config', _write_yaml(tmp_path / 'bad.yaml', bad))
 
 
-def test_config_unknown_keys_warn(tmp_path, caplog):
-    cfg = _write_yaml(tmp_path / 'c.yaml', dict(lr=0.5, not_an_arg=1, energy_rte=0.3, rank=3))
-    with caplog.at_level(logging.WARNING, logger="timm_energykd.train.args"):
-        args = parse('--config', cfg)
-    assert args.lr == 0.5 and args.energy_rate == 0.2
-    assert 'not_an_arg' in caplog.text
-    assert "'energy_rte'" in caplog.text and "did you mean 'energy_rate'" in caplog.text
-    assert "'rank'" not in caplog.text  # runtime keys are dropped silently
+def test_config_unknown_keys_refused(tmp_path, capsys):
+    """A misspelt key is refused with one line and the closest valid name (it would train at the default)."""
+    cfg = _write_yaml(tmp_path / 'c.yaml', dict(lr=0.5, energy_rat=0.3, rank=3))
+    with pytest.raises(SystemExit) as e:
+        parse('--config', cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unknown key 'energy_rat'" in err and "did you mean 'energy_rate'?" in err
+    # timm's runtime keys (written into a timm args.yaml) stay tolerated
+    args = parse('--config', _write_yaml(tmp_path / 'ok.yaml', dict(lr=0.5, rank=3, world_size=2)))
+    assert args.lr == 0.5
 
 
 def test_config_missing_file():
@@ -159,11 +163,11 @@ def valid(data_dir, *extra):
 
 
 def test_valid_commands_pass(data_dir):
-    A.validate_args(valid(data_dir))
-    A.validate_args(valid(data_dir, '--he-da', 'cutmix', '--batch-size', '2', '--temp-policy', 'gradation'))
-    A.validate_args(parse('--demo'))
-    A.validate_args(parse('--dataset', 'torch/cifar100', '--dataset-download'))  # no folder needed
-    A.validate_args(valid(data_dir, '--energy-rate', '0.5', '--imbalance-factor', '1'))
+    C.validate_args(valid(data_dir))
+    C.validate_args(valid(data_dir, '--he-da', 'cutmix', '--batch-size', '2', '--temp-policy', 'gradation'))
+    C.validate_args(parse('--demo'))
+    C.validate_args(parse('--dataset', 'torch/cifar100', '--dataset-download'))  # no folder needed
+    C.validate_args(valid(data_dir, '--energy-rate', '0.5', '--imbalance-factor', '1'))
 
 
 @pytest.mark.parametrize('extra,message', [
@@ -193,49 +197,49 @@ def test_valid_commands_pass(data_dir):
 ])
 def test_validate_errors(data_dir, extra, message):
     with pytest.raises(ValueError) as e:
-        A.validate_args(valid(data_dir, *extra))
+        C.validate_args(valid(data_dir, *extra))
     assert message in str(e.value) and '\n' not in str(e.value)
 
 
 def test_policy_temperatures_checked_only_for_energy_losses(data_dir):
     # KD+LS's recipe (T = 2): the default T(-) = -2 would give a policy temperature of 0, but kd_ls never uses it
-    A.validate_args(valid(data_dir, '--distill-loss', 'kd_ls', '--kd-temperature', '2'))
+    C.validate_args(valid(data_dir, '--distill-loss', 'kd_ls', '--kd-temperature', '2'))
     with pytest.raises(ValueError, match=r'--kd-temperature \+ --temp-delta-high must be > 0, got 2.0'):
-        A.validate_args(valid(data_dir, '--distill-loss', 'energy_kd_ls', '--kd-temperature', '2'))
+        C.validate_args(valid(data_dir, '--distill-loss', 'energy_kd_ls', '--kd-temperature', '2'))
 
 
 def test_validate_files(tmp_path, data_dir):
     missing = str(tmp_path / 'nope.pth')
     with pytest.raises(FileNotFoundError, match='--teacher-checkpoint: file not found: .*nope.pth'):
-        A.validate_args(valid(data_dir, '--teacher-checkpoint', missing))
+        C.validate_args(valid(data_dir, '--teacher-checkpoint', missing))
     with pytest.raises(FileNotFoundError, match='--resume: file not found'):
-        A.validate_args(valid(data_dir, '--resume', missing))
+        C.validate_args(valid(data_dir, '--resume', missing))
     with pytest.raises(ValueError, match='--resume auto .* not supported'):
-        A.validate_args(valid(data_dir, '--resume', 'auto'))
+        C.validate_args(valid(data_dir, '--resume', 'auto'))
     with pytest.raises(FileNotFoundError, match='--initial-checkpoint: file not found'):
-        A.validate_args(valid(data_dir, '--initial-checkpoint', missing))
+        C.validate_args(valid(data_dir, '--initial-checkpoint', missing))
     ckpt = tmp_path / 'teacher.pth'
     ckpt.write_bytes(b'x')
-    A.validate_args(valid(data_dir, '--teacher-checkpoint', str(ckpt), '--resume', str(ckpt)))
+    C.validate_args(valid(data_dir, '--teacher-checkpoint', str(ckpt), '--resume', str(ckpt)))
 
 
 def test_validate_data_dir(tmp_path):
     with pytest.raises(ValueError, match='a data directory is required'):
-        A.validate_args(parse('--teacher', 'resnet50'))
+        C.validate_args(parse('--teacher', 'resnet50'))
     with pytest.raises(FileNotFoundError, match='--data-dir: folder not found: .*missing'):
-        A.validate_args(parse('--data-dir', str(tmp_path / 'missing'), '--dataset', 'ImageFolder'))
+        C.validate_args(parse('--data-dir', str(tmp_path / 'missing'), '--dataset', 'ImageFolder'))
     with pytest.raises(FileNotFoundError, match='--data-dir: folder not found'):
-        A.validate_args(parse(str(tmp_path / 'missing')))  # the positional dir too
+        C.validate_args(parse(str(tmp_path / 'missing')))  # the positional dir too
 
 
 def test_kd_model_name_synonym(data_dir):
     args = parse(data_dir, '--kd-model-name', 'resnet50')
     assert args.teacher == 'resnet50' and args.distill_loss == 'energy_kd'
-    A.validate_args(args)
+    C.validate_args(args)
     same = parse(data_dir, '--kd-model-name', 'resnet50', '--teacher', 'resnet50')
-    A.validate_args(same)
+    C.validate_args(same)
     with pytest.raises(ValueError, match='name different teachers'):
-        A.validate_args(parse(data_dir, '--kd-model-name', 'resnet50', '--teacher', 'resnet18'))
+        C.validate_args(parse(data_dir, '--kd-model-name', 'resnet50', '--teacher', 'resnet18'))
 
 
 @pytest.mark.parametrize('extra,flag', [
@@ -249,38 +253,42 @@ def test_kd_model_name_synonym(data_dir):
     (('--jsd-loss',), '--jsd-loss'),
     (('--naflex-loader',), '--naflex-loader'),
     (('--log-wandb',), '--log-wandb'),
-    (('--stop-epoch', '3'), '--stop-epoch'),
+    (('--train-img-sizes', '160', '224'), '--train-img-sizes'),
+    (('--train-steps-per-epoch', '10'), '--train-batches-per-epoch'),
+    (('--variable-batch-loss-scale', 'sqrt'), '--variable-batch-loss-scale'),
+    (('--naflex-patchify-channels-first',), '--naflex-patchify-channels-first'),
+    (('--drop-connect', '0.1'), '--drop-connect'),
 ])
 def test_unsupported_timm_flags(data_dir, extra, flag):
     with pytest.raises(ValueError, match=f'^{flag} is not supported by train_energykd.py \\('):
-        A.validate_args(valid(data_dir, *extra))
+        C.validate_args(valid(data_dir, *extra))
 
 
 def test_unsupported_flags_at_default_pass(data_dir, tmp_path):
     # explicitly given with timm's default value is fine (e.g. from a timm args.yaml)
-    A.validate_args(valid(data_dir, '--kd-distill-type', 'logit', '--kd-loss-type', 'kl', '--aug-splits', '0'))
+    C.validate_args(valid(data_dir, '--kd-distill-type', 'logit', '--kd-loss-type', 'kl', '--aug-splits', '0'))
     # nulls in a YAML mean "not set"
     cfg = _write_yaml(tmp_path / 'c.yaml', dict(split_bn=None, kd_distill_type=None, fuser=None, naflex_loader=None))
     args = parse('--config', cfg, data_dir, '--teacher', 'resnet50')
     assert args.split_bn is False and args.naflex_loader is False
-    A.validate_args(args)
+    C.validate_args(args)
 
 
 def test_distill_flags_without_teacher_warn(data_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="timm_energykd.train.args"):
-        A.validate_args(parse(data_dir, '--energy-rate', '0.3', '--he-da', 'cutmix', '--imbalance-factor', '0.5'))
+        C.validate_args(parse(data_dir, '--energy-rate', '0.3', '--he-da', 'cutmix', '--imbalance-factor', '0.5'))
     assert 'no --teacher given' in caplog.text
     assert '--energy-rate' in caplog.text and '--he-da' in caplog.text
     assert '--imbalance-factor' not in caplog.text  # meaningful without a teacher
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="timm_energykd.train.args"):
-        A.validate_args(parse(data_dir))
+        C.validate_args(parse(data_dir))
     assert caplog.text == ''
 
 
 def test_validate_hand_built_namespace(data_dir):
     # the trainer may build args programmatically; missing keys fall back to defaults
     import argparse
-    A.validate_args(argparse.Namespace(teacher='resnet50', distill_loss='energy_kd', data_dir=data_dir))
+    C.validate_args(argparse.Namespace(teacher='resnet50', distill_loss='energy_kd', data_dir=data_dir))
     with pytest.raises(ValueError, match='--energy-rate'):
-        A.validate_args(argparse.Namespace(energy_rate=0.9, demo=True))
+        C.validate_args(argparse.Namespace(energy_rate=0.9, demo=True))

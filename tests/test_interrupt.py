@@ -13,6 +13,7 @@ import signal
 import pytest
 import torch
 
+from timm_energykd.train import loop as train_loop
 from timm_energykd.train import trainer as train_energykd
 from timm_energykd.demo import make_demo_imagefolder
 from timm_energykd.files import load_checkpoint_file
@@ -52,7 +53,7 @@ def _die():
 
 
 def _child(argv, point):
-    import timm_energykd.energy as energy_mod
+    import timm_energykd.calibration as energy_mod  # calibrate_or_load calls energy.calibrate_thresholds from here
 
     if point == 'calibration':  # after the first teacher batch of the calibration pass
         real = energy_mod.calibrate_thresholds
@@ -68,13 +69,13 @@ def _child(argv, point):
             return real(fn, loader, *a, **kw)
         energy_mod.calibrate_thresholds = calibrate
     elif point == 'mid_epoch':  # epoch 1, after its second optimizer step
-        real_read = train_energykd._read_terms
+        real_read = train_loop._read_terms
 
         def read_terms(sums, count, args, epoch, batch_idx):
             if epoch == 1 and batch_idx == 1:
                 _die()
             return real_read(sums, count, args, epoch, batch_idx)
-        train_energykd._read_terms = read_terms
+        train_loop._read_terms = read_terms
     elif point == 'after_checkpoint':  # epoch 1's checkpoint is complete
         real_save = train_energykd.AtomicCheckpointSaver.save_checkpoint
 

@@ -10,7 +10,8 @@ import yaml
 from timm.utils.model import unwrap_model
 
 from timm_energykd.train import trainer as train_energykd
-from timm_energykd.train.args import parse_args, validate_args
+from timm_energykd.train.args import parse_args
+from timm_energykd.train.checks import validate_args
 from timm_energykd.demo import make_demo_imagefolder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

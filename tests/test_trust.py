@@ -97,7 +97,8 @@ def test_teacher_checkpoint_problems(env, tmp_path):
     _refused(env, base + [ten], ValueError,
              '--teacher-checkpoint: .*ten.pth.tar predicts 10 classes but the student has 4', 'ckpt-classes')
     # student asked for more classes than the teacher predicts
-    _refused(env, env['distill'] + ['--num-classes', '7'], ValueError, 'predicts 4 classes but the student has 7',
+    # a student with more classes than the data (and the teacher) is refused before the teacher is loaded
+    _refused(env, env['distill'] + ['--num-classes', '7'], ValueError, "--num-classes 7 does not match the dataset's 4",
              'ckpt-classes-student')
 
 
