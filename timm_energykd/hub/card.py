@@ -65,6 +65,7 @@ CARD_KEYS = {
         ('weight_decay', 'Weight decay'),
         ('model_ema', 'Model EMA'),
         ('seed', 'Seed'),
+        ('exported_weights', 'Exported weights (model / EMA)'),
     ],
 }
 _THRESHOLD_LABELS = (

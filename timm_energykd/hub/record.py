@@ -25,7 +25,7 @@ RESULT_SETTINGS = (
     'temp_low', 'temp_high', 'gradation_bins', 'temp_min', 'temp_max', 'calibration',
     'he_da', 'he_da_rate', 'he_da_selection', 'he_da_alpha', 'he_da_weight',
     'dataset', 'imbalance_factor', 'imbalance_seed', 'epochs', 'batch_size', 'lr', 'opt', 'sched',
-    'weight_decay', 'model_ema', 'seed',
+    'weight_decay', 'model_ema', 'seed', 'exported_weights',
 )
 # timm training flags that change the weights; shown collapsed under "Training recipe"
 RECIPE_SETTINGS = (

@@ -6,9 +6,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .export import export_for_hub
+from .export import OPTIONAL_FILES, export_for_hub
+from .record import RunRecord
 
-__all__ = ['load_training_output', 'export_from_training_output', 'read_summary_metrics']
+__all__ = ['load_training_output', 'export_from_training_output', 'read_summary_metrics', 'record_for_output']
 
 _logger = logging.getLogger(__name__)
 
@@ -166,4 +167,20 @@ def export_from_training_output(
         raise ValueError(f'checkpoint {source} does not match {name}: {first}') from None
     run_info.setdefault('model_ema', used == 'ema')
     run_info['exported_weights'] = used
-    return export_for_hub(model, export_dir, run_info=run_info, metrics=metrics, label_names=label_names)
+    folder = Path(source) if Path(source).is_dir() else Path(source).parent
+    record = record_for_output(run_info, metrics, folder)
+    return export_for_hub(model, export_dir, run_info=run_info, record=record, label_names=label_names)
+
+
+def record_for_output(run_info: Dict[str, Any], metrics: Optional[Dict[str, Any]], output_dir: Union[str, Path],
+                      repo_id: Optional[str] = None) -> RunRecord:
+    """``RunRecord`` of a run plus what its output folder holds for the card: ``training_curves.png``,
+    ``energy_bins.png`` / ``energy_bins.csv`` (the per-energy-bin report, quoted as a table).
+
+    The trainer's ``--export-hub`` and ``python -m timm_energykd.hub export`` both build the card this way.
+    """
+    from ..energy_report import read_energy_bin_csv
+    folder = Path(output_dir)
+    figures = {name: str(folder / name) for name in OPTIONAL_FILES if (folder / name).is_file()}
+    rows = read_energy_bin_csv(folder / 'energy_bins.csv') if 'energy_bins.csv' in figures else None
+    return RunRecord.from_run_info(run_info, metrics, energy_bins=rows, figures=figures, repo_id=repo_id)
