@@ -57,6 +57,14 @@ def _fmt(v: float) -> str:
     return f'{v:.3g}'
 
 
+def _fmt_for(span: float, extra: int = 0):
+    """A number format that tells values ``span / 10`` apart (``.3g`` would print -7.153 and -7.158 alike)."""
+    if not math.isfinite(span) or span <= 0 or span >= 1e5:
+        return lambda v: f'{v:.3g}'
+    decimals = max(0, 1 - int(math.floor(math.log10(span))) + extra)
+    return lambda v: f'{v:.{decimals}f}'
+
+
 def _text(d: ImageDraw.ImageDraw, xy, text: str, fill=_BLACK, font=None, width: Optional[int] = None,
           anchor_right: bool = False) -> float:
     """Draw text with x clamped to [2, width - textwidth - 2] (never clipped); returns the x used."""
@@ -149,11 +157,12 @@ def render_energy_histogram(
 
     d.line([left, top + ph, left + pw, top + ph], fill=_BLACK)
     d.line([left, top, left, top + ph], fill=_BLACK)
+    tick_fmt, label_fmt = _fmt_for(span), _fmt_for(span, extra=1)
     for v in _nice_ticks(lo, hi, 6):
         x = x_of(v)
         d.line([x, top + ph, x, top + ph + 4], fill=_BLACK)
-        tw = d.textlength(_fmt(v), font=font)
-        _text(d, (x - tw / 2, top + ph + 6), _fmt(v), font=font, width=w)
+        tw = d.textlength(tick_fmt(v), font=font)
+        _text(d, (x - tw / 2, top + ph + 6), tick_fmt(v), font=font, width=w)
     for v in [t for t in _nice_ticks(0.0, cmax, 4) if float(t).is_integer()]:  # counts: whole numbers
         y = top + ph * (1 - v / cmax)
         d.line([left - 4, y, left, y], fill=_BLACK)
@@ -170,7 +179,7 @@ def render_energy_histogram(
             d.line([x, y, x, min(y + 3, top + ph)], fill=colour, width=2)
         # labels in the margin above the plot, 'low' left of its line, the others right of theirs; clamped
         # inside the image and moved to the second row when they would overlap a label already placed
-        label = f'{name} = {_fmt(v)}'
+        label = f'{name} = {label_fmt(v)}'
         tw = d.textlength(label, font=font)
         x0 = min(max(2.0, x - tw - 3 if name == 'low' else x + 3), w - tw - 2)
         row = next((i for i, placed in enumerate(rows) if all(x0 + tw < a or x0 > b for a, b in placed)), 2)
