@@ -422,6 +422,10 @@ def test_readme_first_commands():
     assert fence[0].startswith('pip install -e . && python train_energykd.py --demo')
     assert fence[1].startswith('pip install -e ".[test]" && python -m pytest -q tests')
     assert README.index('```bash') < README.index('## ')  # before any section
+    # beside them, before any section: the CPU-only torch install (no 3 GB of CUDA wheels for the CPU demo)
+    cpu = README.split('```bash\n', 2)[2].split('```', 1)[0].strip()
+    assert cpu == 'pip install torch --index-url https://download.pytorch.org/whl/cpu'
+    assert README.index(cpu) < README.index('## ')
 
 
 def test_readme_library_snippet_runs(capsys):
