@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 
 from timm_energykd.energy import EnergyThresholds
 from timm_energykd.plots import (
-    SERIES_COLOURS, _HE_DA_COLOUR, _HIGH_COLOUR, _LOW_COLOUR, _font, plot_energy_histogram, plot_training_curves,
+    SERIES_COLOURS, HE_DA_COLOUR, HIGH_COLOUR, LOW_COLOUR, figure_font, plot_energy_histogram, plot_training_curves,
     read_summary_rows, render_energy_histogram, training_curve_series)
 
 
@@ -20,12 +20,12 @@ def test_histogram_png_marks_thresholds(tmp_path):
     img = Image.open(path).convert('RGB')
     assert img.size == (720, 420)
     colours = {c for _, c in img.getcolors(maxcolors=1 << 16)}
-    assert {_LOW_COLOUR, _HIGH_COLOUR, _HE_DA_COLOUR} <= colours
+    assert {LOW_COLOUR, HIGH_COLOUR, HE_DA_COLOUR} <= colours
     # the dashed HE-DA line sits at its threshold: x range = histogram range, plot from x=60 to 700
     edges = th.histogram['edges']
     x = 60 + (he.high - edges[0]) / (edges[-1] - edges[0]) * 640
     column = [img.getpixel((int(round(x)) + dx, y)) for dx in (-1, 0, 1) for y in range(80, 350)]
-    assert column.count(_HE_DA_COLOUR) > 50
+    assert column.count(HE_DA_COLOUR) > 50
     # the same works from the JSON dict form
     plot_energy_histogram(th.to_dict(), tmp_path / 'energy2.png', he_da_thresholds=he.to_dict())
 
@@ -34,7 +34,7 @@ def test_bar_colours_follow_thresholds():
     img = render_energy_histogram([1, 1, 1, 1], [0, 1, 2, 3, 4], low=1.0, high=3.0, size=(400, 200))
     # bar centres: 0.5 (low), 1.5 and 2.5 (mid), 3.5 (high); sample pixels near the bottom of each bar
     px = lambda v: img.getpixel((int(60 + v / 4 * (400 - 80)), 200 - 60 - 5))  # noqa: E731
-    assert px(0.5) == _LOW_COLOUR and px(3.5) == _HIGH_COLOUR and px(2.0) == (150, 150, 150)
+    assert px(0.5) == LOW_COLOUR and px(3.5) == HIGH_COLOUR and px(2.0) == (150, 150, 150)
 
 
 def _tinted(p, c):
@@ -56,10 +56,10 @@ def test_labels_never_clipped_and_y_axis_labelled(high):
     # a high threshold at (or far beyond) the right end of the range: its label must stay whole in the image
     img = render_energy_histogram([5, 1, 1, 9], [0, 1, 2, 3, 4], low=0.001, high=high, he_da_high=high * 0.999)
     w = img.size[0]
-    font = _font()
+    font = figure_font()
     d = ImageDraw.Draw(img)
-    for colour, text in ((_HIGH_COLOUR, f'high = {high:.3g}'), (_LOW_COLOUR, 'low = 0.001'),
-                         (_HE_DA_COLOUR, f'HE-DA high = {high * 0.999:.3g}')):
+    for colour, text in ((HIGH_COLOUR, f'high = {high:.3g}'), (LOW_COLOUR, 'low = 0.001'),
+                         (HE_DA_COLOUR, f'HE-DA high = {high * 0.999:.3g}')):
         extent = _label_extent(img, colour, 18, 70)  # the label rows above the plot
         assert extent is not None, text
         assert extent[0] >= 1 and extent[1] <= w - 2, text

@@ -23,12 +23,13 @@ from PIL import Image, ImageDraw, ImageFont
 from .files import write_atomic
 
 __all__ = ['plot_energy_histogram', 'render_energy_histogram', 'plot_training_curves', 'render_training_curves',
-           'read_summary_rows', 'training_curve_series', 'plot_energy_bins', 'render_energy_bins', 'CURVE_PANELS', 'SERIES_COLOURS']
+           'read_summary_rows', 'training_curve_series', 'plot_energy_bins', 'render_energy_bins', 'CURVE_PANELS', 'SERIES_COLOURS',
+           'LOW_COLOUR', 'MID_COLOUR', 'HIGH_COLOUR', 'HE_DA_COLOUR', 'figure_font']
 
-_LOW_COLOUR = (31, 119, 180)
-_MID_COLOUR = (150, 150, 150)
-_HIGH_COLOUR = (214, 39, 40)
-_HE_DA_COLOUR = (255, 127, 14)
+LOW_COLOUR = (31, 119, 180)
+MID_COLOUR = (150, 150, 150)
+HIGH_COLOUR = (214, 39, 40)
+HE_DA_COLOUR = (255, 127, 14)
 _BLACK, _GRID = (0, 0, 0), (225, 225, 225)
 # line / bar colours in the order series are drawn (tab10)
 SERIES_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
@@ -46,7 +47,8 @@ CURVE_PANELS = (
 )
 
 
-def _font(size: int = 12):
+def figure_font(size: int = 12):
+    """The figures' font: Pillow's scalable default at ``size`` px (its bitmap font on Pillow < 10.1)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: the fixed bitmap font
@@ -68,7 +70,7 @@ def _fmt_for(span: float, extra: int = 0):
 def _text(d: ImageDraw.ImageDraw, xy, text: str, fill=_BLACK, font=None, width: Optional[int] = None,
           anchor_right: bool = False) -> float:
     """Draw text with x clamped to [2, width - textwidth - 2] (never clipped); returns the x used."""
-    font = font or _font()
+    font = font or figure_font()
     tw = d.textlength(text, font=font)
     x = xy[0] - tw if anchor_right else xy[0]
     if width is not None:
@@ -133,9 +135,9 @@ def render_energy_histogram(
     pw, ph = w - left - right, h - top - bottom
     img = Image.new('RGB', size, (255, 255, 255))
     d = ImageDraw.Draw(img)
-    font = _font()
-    marks = [(v, c, n) for v, c, n in ((low, _LOW_COLOUR, 'low'), (high, _HIGH_COLOUR, 'high'),
-                                       (he_da_high, _HE_DA_COLOUR, 'HE-DA high')) if v is not None]
+    font = figure_font()
+    marks = [(v, c, n) for v, c, n in ((low, LOW_COLOUR, 'low'), (high, HIGH_COLOUR, 'high'),
+                                       (he_da_high, HE_DA_COLOUR, 'HE-DA high')) if v is not None]
     lo = min([edges[0]] + [v for v, _, _ in marks])
     hi = max([edges[-1]] + [v for v, _, _ in marks])
     span = (hi - lo) or 1.0
@@ -146,11 +148,11 @@ def render_energy_histogram(
 
     for c, e0, e1 in zip(counts, edges[:-1], edges[1:]):
         mid = 0.5 * (e0 + e1)
-        colour = _MID_COLOUR
+        colour = MID_COLOUR
         if low is not None and mid <= low:
-            colour = _LOW_COLOUR
+            colour = LOW_COLOUR
         elif high is not None and mid > high:
-            colour = _HIGH_COLOUR
+            colour = HIGH_COLOUR
         x0, x1 = x_of(e0), x_of(e1)
         if c > 0:
             d.rectangle([x0, top + ph * (1 - c / cmax), max(x0 + 1, x1 - 1), top + ph], fill=colour)
@@ -215,7 +217,7 @@ def plot_energy_histogram(thresholds, path, title: Optional[str] = None, size: T
 def _panel(img: Image.Image, box, title: str, ylabel: str, xlabel: str, y_lo: float, y_hi: float,
            x_lo: float, x_hi: float, x_ticks: Optional[Sequence[Tuple[float, str]]] = None):
     """Axes, grid, ticks and labels in ``box`` (x0, y0, x1, y1); returns the value -> pixel maps."""
-    d, font = ImageDraw.Draw(img), _font(11)
+    d, font = ImageDraw.Draw(img), figure_font(11)
     x0, y0, x1, y1 = box
     n_lines = max((label.count('\n') + 1 for _, label in (x_ticks or [])), default=1)
     left, top, right, bottom = x0 + 62, y0 + 38, x1 - 10, y1 - 22 - 12 * n_lines
@@ -241,7 +243,7 @@ def _panel(img: Image.Image, box, title: str, ylabel: str, xlabel: str, y_lo: fl
             _text(d, (px(v) - d.textlength(part, font=font) / 2, bottom + 4 + 12 * k), part, font=font,
                   width=img.size[0])
     d.rectangle([left, top, right, bottom], outline=_BLACK)
-    _text(d, (left, y0 + 4), title, font=_font(12), width=img.size[0])
+    _text(d, (left, y0 + 4), title, font=figure_font(12), width=img.size[0])
     _text(d, ((left + right) / 2 - d.textlength(xlabel, font=font) / 2, bottom + 6 + 12 * n_lines), xlabel,
           font=font)
     _vertical_label(img, ylabel, x0 + 2, (top + bottom) // 2, font)
@@ -250,7 +252,7 @@ def _panel(img: Image.Image, box, title: str, ylabel: str, xlabel: str, y_lo: fl
 
 def _legend(d: ImageDraw.ImageDraw, plot_box, names: Sequence[str]) -> None:
     """One legend row between the panel title and the plot (never over the data)."""
-    font = _font(11)
+    font = figure_font(11)
     x, y = plot_box[0], plot_box[1] - 16
     for i, name in enumerate(names):
         colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
@@ -311,7 +313,7 @@ def render_training_curves(rows: List[Dict[str, float]], title: str = 'Training 
     w, h = size
     img = Image.new('RGB', (w, h), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    _text(d, (8, 6), title, font=_font(13), width=w)
+    _text(d, (8, 6), title, font=figure_font(13), width=w)
     epochs = [r['epoch'] for r in rows]
     cw, ch = w // cols, (h - 26) // n_rows
     for i, (ptitle, ylabel, series) in enumerate(panels):
@@ -367,7 +369,7 @@ def render_energy_bins(rows: Sequence[Dict], title: str = 'Per energy bin (valid
     w, h = size
     img = Image.new('RGB', size, (255, 255, 255))
     d = ImageDraw.Draw(img)
-    _text(d, (8, 6), title, font=_font(13), width=w)
+    _text(d, (8, 6), title, font=figure_font(13), width=w)
     n = len(rows)
     ticks = [(i, f"{i} {r.get('group') or ''}\nn={r.get('count', '')}") for i, r in enumerate(rows)]
     ph = (h - 26) // len(_BIN_PANELS)

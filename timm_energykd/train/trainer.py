@@ -307,10 +307,13 @@ def train(args, args_text: str) -> Dict[str, Any]:
         if best_metric is not None:
             _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
         if teacher is not None and loader_eval is not None:  # where did distillation help? (per energy bin)
-            rows = energy_bin_report(task.teacher_logits, task.get_eval_model(), loader_eval, thresholds=thresholds,
+            # rank 0 alone: the unwrapped student, so no DDP collective runs on one rank
+            rows = energy_bin_report(task.teacher_logits, unwrap_model(task.get_eval_model()), loader_eval,
+                                     thresholds=thresholds,
                                      energy_temperature=args.energy_temperature, device=device,
                                      amp_autocast=precision.autocast)
-            write_energy_bin_report(rows, output_dir)
+            paths = write_energy_bin_report(rows, output_dir)
+            _logger.info(f'Per-energy-bin report (validation set): {paths[0]}, {paths[1]}')
         _export_hub(args, task, output_dir, eval_metrics, thresholds, dataset_train)
     return result
 
