@@ -182,12 +182,17 @@ def test_card_front_matter_is_a_model_index(exported):
 def test_card_lists_only_result_shaping_settings():
     noise = {f'naflex_{i}': i for i in range(20)} | {'workers': 8, 'log_interval': 50, 'pin_mem': True,
                                                      'output': '/home/alice/out', 'experiment': 'x'}
-    info = dict(RUN_INFO, momentum=0.9, warmup_epochs=5, smoothing=0.1, **noise)
+    # flags the run's other flags switch off are not listed either (step decay under cosine, AMP dtype without AMP)
+    info = dict(RUN_INFO, momentum=0.9, warmup_epochs=5, smoothing=0.1, decay_epochs=90, decay_milestones=[90, 180],
+                amp=False, amp_dtype='float16', lr_base=0.1, imbalance_seed=0, distill_loss_kwargs={}, **noise)
     card = hub.build_model_card(info, None, architecture='test_resnet', num_classes=5)
     for key in noise:
         assert f'`{key}`' not in card, key
     assert 'naflex' not in card and '/home/alice' not in card
     assert 'Other settings' not in card
+    for key in ('decay_epochs', 'decay_milestones', 'amp_dtype', 'lr_base'):
+        assert f'`{key}`' not in card, key
+    assert 'Long-tail subset seed' not in card and 'Loss options' not in card
     assert '- `momentum`: 0.9\n' in card and '- `warmup_epochs`: 5\n' in card and '- `smoothing`: 0.1\n' in card
     record = hub.RunRecord.from_run_info(info)
     assert set(record.settings) <= set(hub.RESULT_SETTINGS) and set(record.recipe) <= set(hub.RECIPE_SETTINGS)

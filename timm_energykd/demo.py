@@ -268,7 +268,7 @@ def run_demo(args, train_fn: Callable[[List[str]], Dict], config: Optional[DemoC
     teacher_ckpt = os.path.join(results['teacher']['output_dir'], 'model_best.pth.tar')
     cmds = demo_commands(data, base, cfg, device=device, seed=args.seed, teacher_checkpoint=teacher_ckpt,
                          export_hub=saved)
-    for index, key, label in ((2, 'kd', 'plain KD'), (3, 'energy_kd', 'Energy KD, paper direction')):
+    for index, key, label in ((2, 'kd', 'plain KD'), (3, 'energy_kd', 'Energy KD (paper direction)')):
         started = _stage(index, f'student {cfg.student}', f'{label} from the teacher, {cfg.student_epochs} epochs', t0)
         results[key] = train_fn(cmds[key])
         _stage_done(index, f'student, {label}', started, t0)

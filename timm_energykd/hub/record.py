@@ -59,12 +59,39 @@ def public_value(value: Any) -> Any:
 
 
 def _present(value: Any) -> bool:
+    if isinstance(value, (dict, list, tuple)) and not value:
+        return False
     return value is not None and value != '' and not (isinstance(value, float) and math.isnan(value))
 
 
 def _he_da_enabled(value: Any) -> bool:
     # the trainer stores --he-da as 'off' / 'cutmix' / 'mixup'; library callers may pass a bool
     return value not in (None, False, 0, '', 'off', 'none', 'False', 'false')
+
+
+def _recipe_in_use(recipe: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Drop timm flags that the run's other flags switch off (e.g. step-decay knobs of a cosine schedule)."""
+    unused = set()
+    if not recipe.get('amp'):
+        unused.add('amp_dtype')
+    if not recipe.get('clip_grad'):
+        unused.add('clip_mode')
+    sched = settings.get('sched')
+    if sched not in ('step', 'multistep', 'plateau'):
+        unused |= {'decay_epochs', 'decay_milestones', 'decay_rate'}
+    elif sched == 'step':
+        unused.add('decay_milestones')
+    elif sched == 'multistep':
+        unused.add('decay_epochs')
+    if 'lr' in settings:  # timm derives lr from lr_base only when --lr is not given
+        unused |= {'lr_base', 'lr_base_size'}
+    if not (recipe.get('mixup') or recipe.get('cutmix') or recipe.get('cutmix_minmax')):
+        unused |= {'mixup_prob', 'mixup_mode', 'cutmix_minmax'}
+    if not recipe.get('reprob'):
+        unused |= {'remode', 'recount'}
+    if not settings.get('model_ema'):
+        unused.add('model_ema_decay')
+    return {k: v for k, v in recipe.items() if k not in unused}
 
 
 def _loss_facts(name: Optional[str]):
@@ -171,7 +198,10 @@ class RunRecord:
                         out[key] = value
             return out
 
-        settings, recipe = pick(RESULT_SETTINGS), pick(RECIPE_SETTINGS)
+        settings = pick(RESULT_SETTINGS)
+        recipe = _recipe_in_use(pick(RECIPE_SETTINGS), settings)
+        if 'imbalance_factor' not in settings:
+            settings.pop('imbalance_seed', None)
         loss = settings.get('distill_loss')
         if loss:
             energy_loss, options = _loss_facts(loss)
