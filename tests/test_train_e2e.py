@@ -146,13 +146,22 @@ def test_cache_identity_mismatch_is_refused(runs, tmp_path):
 
 
 @pytest.mark.parametrize('recipe', sorted(glob.glob(os.path.join(REPO, 'hparams', '*.yaml'))))
-def test_recipes_parse_and_validate(recipe, tmp_path):
+def test_recipes_parse_and_validate(recipe, tmp_path, caplog):
     with open(recipe) as f:
         text = f.read()
     assert '# Paper' in text or '# Source' in text, 'each recipe names the table / number it targets'
     args, _ = parse_args(['--config', recipe, str(tmp_path)])
     validate_args(args)
     assert args.model and args.epochs > 0
+    # every recipe logs the LR it trains at, and where it came from
+    from timm_energykd.train.build import resolve_lr
+    args.rank, args.world_size = 0, 1
+    recipe_lr = yaml.safe_load(text).get('lr')
+    with caplog.at_level('INFO', logger='train'):
+        lr = resolve_lr(args)
+    assert f'Learning rate ({lr})' in caplog.text
+    if recipe_lr is not None:
+        assert lr == recipe_lr
 
 
 @pytest.mark.slow

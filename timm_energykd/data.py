@@ -137,6 +137,12 @@ def create_train_eval_datasets(args) -> Tuple[tud.Dataset, Optional[tud.Dataset]
     input_img_mode = getattr(args, 'input_img_mode', None)
     if input_img_mode:
         common['input_img_mode'] = input_img_mode
+    # timm's keys for datasets of records (HF datasets, WebDataset, TFDS); folders ignore them, as in timm
+    for key in ('input_key', 'target_key'):
+        if getattr(args, key, None):
+            common[key] = getattr(args, key)
+    if getattr(args, 'dataset_trust_remote_code', False):
+        common['trust_remote_code'] = True
     train_kwargs = dict(common, split=args.train_split, is_training=True, repeats=getattr(args, 'epoch_repeats', 0))
     if getattr(args, 'train_num_samples', None):
         train_kwargs['num_samples'] = args.train_num_samples

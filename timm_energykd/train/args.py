@@ -25,7 +25,7 @@ from .timm_help import HELP as _TIMM_HELP
 
 __all__ = [
     'build_parser', 'parse_args', 'args_to_yaml', 'load_config', 'timm_flag_dests', 'energykd_flag_dests',
-    'timm_defaults', 'energykd_defaults', 'RUNTIME_KEYS', 'TIMM_SOURCE',
+    'timm_defaults', 'energykd_defaults', 'RUNTIME_KEYS', 'NEWER_TIMM_KEYS', 'TIMM_SOURCE',
 ]
 
 TIMM_SOURCE = timm_flags.SOURCE
@@ -150,6 +150,14 @@ ENERGYKD_GROUPS: Tuple[Tuple[str, Tuple[Tuple[Tuple[str, ...], Dict[str, Any]], 
 # Keys timm's train.py (or a trainer) sets on args at run time; tolerated in a --config YAML, never parsed.
 RUNTIME_KEYS: Set[str] = {
     'rank', 'world_size', 'distributed', 'prefetcher', 'local_rank', 'device_id', 'is_master', 'config',
+}
+
+
+# Flags named in timm 1.0.31's release notes but absent from the recorded train.py source: a timm args.yaml
+# that holds them switched off still loads; switched on, they are refused (their behaviour is not implemented).
+NEWER_TIMM_KEYS: Set[str] = {
+    'stop_epoch', 'save_epochs', 'lr_decay_fn', 'lr_stable_timescale', 'pretrained_cfg_overlay', 'task',
+    'target_format', 'multilabel_threshold', 'loss',
 }
 
 
@@ -305,6 +313,11 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
             out[key] = _convert(actions[key], key, value, path)
         elif key in RUNTIME_KEYS:
             continue
+        elif key in NEWER_TIMM_KEYS:
+            if value in (None, False, '', [], {}):
+                continue
+            raise ValueError(f"--config {path}: key '{key}' is a timm train.py flag newer than the source this "
+                             f"trainer follows ({TIMM_SOURCE['commit'][:10]}); it is not supported, got {value!r}")
         else:
             close = difflib.get_close_matches(str(key), list(actions), n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ''
