@@ -463,3 +463,19 @@ def test_card_policy_and_trainer_he_da_values():
     assert '- **HE-DA high threshold (rate 0.4):** -3.25\n' in card
     assert '- **Gradation bins:** 10\n' in card and '- **Maximum temperature:** 6\n' in card
     assert 'Delta for low-energy' not in card and 'Temperature of low-energy' not in card
+
+
+def test_card_loss_options_declared_by_the_loss(monkeypatch):
+    """Where the losses declare their trainer options (``losses.loss_options``) the card lists exactly those."""
+    import timm_energykd.losses as losses
+    declared = {'wttm': {'wttm_gamma': 'gamma'}, 'dkd': {'dkd_alpha': 'alpha', 'dkd_beta': 'beta', 'dkd_warmup': 'w'}}
+    monkeypatch.setattr(losses, 'loss_options', lambda name: declared.get(name, {}), raising=False)
+    info = dict(RUN_INFO, distill_loss='wttm', wttm_gamma=0.5, unrelated_flag=3)
+    record = hub.RunRecord.from_run_info(info)
+    assert record.loss_options == ('wttm_gamma',) and record.settings['wttm_gamma'] == 0.5
+    assert 'dkd_alpha' not in record.settings and not record.energy_loss and record.temperatures is None
+    card = hub.build_model_card(record, architecture='test_resnet', num_classes=5)
+    assert '- **Loss option `wttm_gamma`:** 0.5\n' in card and 'DKD alpha' not in card and 'unrelated' not in card
+    assert 'Temperature of low-energy' not in card  # wttm uses the fixed temperature
+    card = hub.build_model_card(dict(info, distill_loss='dkd'), None, architecture='test_resnet', num_classes=5)
+    assert '- **DKD beta (NCKD weight):** 8\n' in card and 'wttm_gamma' not in card

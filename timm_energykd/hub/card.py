@@ -212,6 +212,10 @@ def build_model_card(
         entries = [f"- **{label}:** {_fmt(record.he_da if key == 'he_da' else s[key])}"
                    for key, label in rows if key in s]
         temps = record.temperatures or {}
+        if title == 'Distillation loss':  # options the loss declares beyond the labelled ones
+            labelled = {k for rows_ in CARD_KEYS.values() for k, _ in rows_}
+            entries += [f'- **Loss option `{flag}`:** {_fmt(s[flag])}' for flag in record.loss_options
+                        if flag in s and flag not in labelled]
         if title == 'Energy-based temperature' and 'low' in temps:
             entries.append(f"- **Temperature of low-energy samples (E <= low):** {_fmt(temps['low'])}")
             entries.append(f"- **Temperature of high-energy samples (E > high):** {_fmt(temps['high'])}")

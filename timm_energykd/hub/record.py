@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ['RunRecord', 'RESULT_SETTINGS', 'RECIPE_SETTINGS', 'public_value']
 
@@ -94,16 +94,27 @@ def _recipe_in_use(recipe: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str
     return {k: v for k, v in recipe.items() if k not in unused}
 
 
+def _declared_options(name: str) -> Optional[Tuple[str, ...]]:
+    """Trainer flags the loss declares as its options (``losses.loss_options``), None where that API is absent."""
+    try:  # the losses package declares its options; older trees (no such function) fall back below
+        from ..losses import loss_options
+    except ImportError:
+        return None
+    return tuple(loss_options(name))
+
+
 def _loss_facts(name: Optional[str]):
     """(uses energy temperatures, the trainer flags the loss takes as options) from the public registry."""
     from ..losses import create_distill_loss, is_distill_loss, uses_energy_temperature
     if not name or not is_distill_loss(name):
         return ('energy' in str(name or '').lower()), ()
-    try:
-        params = inspect.signature(type(create_distill_loss(name))).parameters
-    except Exception:  # a loss that needs arguments to build: its options are unknown here
-        params = {}
-    options = tuple(flag for flag, arg in _DKD_OPTIONS if all(a in params for _, a in _DKD_OPTIONS))
+    options = _declared_options(name)
+    if options is None:  # no declarations: the DKD flags go to a loss whose constructor takes all three
+        try:
+            params = inspect.signature(type(create_distill_loss(name))).parameters
+        except Exception:  # a loss that needs arguments to build: its options are unknown here
+            params = {}
+        options = tuple(flag for flag, _ in _DKD_OPTIONS if all(a in params for _, a in _DKD_OPTIONS))
     return uses_energy_temperature(name), options
 
 
@@ -200,11 +211,12 @@ class RunRecord:
 
         settings = pick(RESULT_SETTINGS)
         recipe = _recipe_in_use(pick(RECIPE_SETTINGS), settings)
+        loss = settings.get('distill_loss')
+        energy_loss, options = _loss_facts(loss) if loss else (None, ())
+        settings.update(pick([flag for flag in options if flag not in settings]))  # the loss's own options
         if 'imbalance_factor' not in settings:
             settings.pop('imbalance_seed', None)
-        loss = settings.get('distill_loss')
         if loss:
-            energy_loss, options = _loss_facts(loss)
             for flag, _ in _DKD_OPTIONS:  # DKD's flags are in every run's args: only a DKD-type loss takes them
                 if flag not in options:
                     settings.pop(flag, None)
