@@ -31,6 +31,7 @@ CARD_KEYS = {
         ('dkd_alpha', 'DKD alpha (TCKD weight)'),
         ('dkd_beta', 'DKD beta (NCKD weight)'),
         ('dkd_warmup', 'DKD warm-up epochs'),
+        ('dkd_warmup_mode', 'DKD warm-up mode'),
     ],
     'Energy-based temperature': [
         ('energy_temperature', 'Energy temperature T_E'),
