@@ -221,8 +221,9 @@ def _panel(img: Image.Image, box, title: str, ylabel: str, xlabel: str, y_lo: fl
     x0, y0, x1, y1 = box
     n_lines = max((label.count('\n') + 1 for _, label in (x_ticks or [])), default=1)
     left, top, right, bottom = x0 + 62, y0 + 38, x1 - 10, y1 - 22 - 12 * n_lines
-    if y_hi <= y_lo:
-        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
+    if y_hi <= y_lo:  # one value (or a flat line): a range around it at its own scale
+        half = abs(y_lo) * 0.5 or 0.5
+        y_lo, y_hi = y_lo - half, y_hi + half
     pad = 0.05 * (y_hi - y_lo)
     y_lo, y_hi = y_lo - pad, y_hi + pad
     x_hi = x_hi if x_hi > x_lo else x_lo + 1
@@ -341,7 +342,8 @@ def plot_training_curves(summary_csv, path, title: Optional[str] = None,
     rows = read_summary_rows(summary_csv)
     if not rows:
         return None
-    img = render_training_curves(rows, title or f'Training curves ({len(rows)} epochs, {Path(summary_csv).parent.name})',
+    epochs = f'{len(rows)} epoch' + ('s' if len(rows) != 1 else '')
+    img = render_training_curves(rows, title or f'Training curves ({epochs}, {Path(summary_csv).parent.name})',
                                  size=size)
     return _save_png(img, path)
 

@@ -190,7 +190,8 @@ def build_model_card(
                   'samples and the mean temperature, per epoch.', '']
     if record.energy_bins:
         lines += ['## Per energy bin', '',
-                  'The validation set split by the teacher\'s energy (low energy = confident teacher). Accuracy and '
+                  'The validation set split by the teacher\'s energy (low energy = confident teacher), for the student '
+                  'at the end of training. Accuracy and '
                   'confidence (mean top softmax probability) of teacher and student, and how often the student\'s '
                   'prediction agrees with the teacher\'s, per bin:', '']
         lines += _bin_table(record.energy_bins) + ['']
