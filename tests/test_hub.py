@@ -308,6 +308,8 @@ class _RecordingApi:
         type(self).calls.append(('create_branch', {'repo_id': repo_id, **kwargs}))
 
     def upload_folder(self, **kwargs):
+        staged = Path(kwargs['folder_path'])  # what is uploaded, read while the call runs
+        kwargs['files'] = {p.name: p.read_bytes() for p in staged.iterdir()}
         type(self).calls.append(('upload_folder', kwargs))
         return 'https://huggingface.co/x/y/commit/abc'
 
@@ -336,7 +338,15 @@ def test_push_calls_client(exported, fake_api):
     assert fake_api.calls[1][1]['private'] is True and fake_api.calls[1][1]['exist_ok'] is True
     up = fake_api.calls[3][1]
     assert up['repo_id'] == 'someuser/tiny' and up['revision'] == 'v1' and up['commit_message'] == 'msg'
-    assert Path(up['folder_path']) == Path(path)
+    # the uploaded folder: the export's files, its card loading hf-hub:REPO instead of the local folder
+    assert Path(up['folder_path']) != Path(path) and not Path(up['folder_path']).exists()  # staging removed
+    assert sorted(up['files']) == ['README.md', 'config.json', 'model.safetensors']
+    assert up['files']['model.safetensors'] == (Path(path) / 'model.safetensors').read_bytes()
+    card = up['files']['README.md'].decode()
+    assert "timm.create_model('hf-hub:someuser/tiny', pretrained=True)" in card
+    assert str(path) not in card and 'local-dir:' not in card and 'Share it with' not in card
+    assert f'local-dir:{path}' in (Path(path) / 'README.md').read_text()  # the export is left as it was
+    assert sorted(p.name for p in Path(path).parent.iterdir()) == ['export']
 
 
 def _client_error(kind):

@@ -10,14 +10,14 @@
 See docs/HUB.md.
 """
 from .record import RunRecord, RESULT_SETTINGS, RECIPE_SETTINGS
-from .card import build_model_card, needs_plugin, CARD_KEYS
+from .card import build_model_card, card_for_repo, needs_plugin, CARD_KEYS
 from .export import export_for_hub, EXPORT_FILES, OPTIONAL_FILES
 from .push import HubPushError, push_to_hub
 from .run_output import load_training_output, export_from_training_output, read_summary_metrics, record_for_output
 from .cli import main
 
 __all__ = [
-    'RunRecord', 'RESULT_SETTINGS', 'RECIPE_SETTINGS', 'build_model_card', 'needs_plugin', 'CARD_KEYS',
+    'RunRecord', 'RESULT_SETTINGS', 'RECIPE_SETTINGS', 'build_model_card', 'card_for_repo', 'needs_plugin', 'CARD_KEYS',
     'export_for_hub', 'EXPORT_FILES', 'OPTIONAL_FILES', 'HubPushError', 'push_to_hub', 'load_training_output',
     'export_from_training_output', 'read_summary_metrics', 'record_for_output', 'main',
 ]

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .record import RunRecord
 
-__all__ = ['build_model_card', 'CARD_KEYS', 'needs_plugin', 'TAGS']
+__all__ = ['build_model_card', 'card_for_repo', 'CARD_KEYS', 'needs_plugin', 'TAGS']
 
 TAGS = ['image-classification', 'timm', 'knowledge-distillation', 'timm-energykd']
 
@@ -105,6 +105,17 @@ def needs_plugin(architecture: str) -> bool:
     except Exception:  # unknown to the registry right now: assume it is ours
         return True
     return not module.startswith('timm.')
+
+
+_SHARE_LINE = ('Share it with `python -m timm_energykd.hub push EXPORT_DIR USER/REPO`, then load '
+               "`timm.create_model('hf-hub:USER/REPO', pretrained=True)`.")
+
+
+def card_for_repo(card: str, local_dir: str, repo_id: str) -> str:
+    """The card of a local export as published to ``repo_id``: its usage block loads ``hf-hub:repo_id``
+    instead of the local folder, so no local path reaches the Hub."""
+    card = card.replace(f"'local-dir:{local_dir}'", f"'hf-hub:{repo_id}'").replace(_SHARE_LINE + '\n\n', '')
+    return card.replace(f'local-dir:{local_dir}', f'hf-hub:{repo_id}')
 
 
 def _number(metrics: Dict[str, Any], key: str) -> Optional[float]:
@@ -247,8 +258,7 @@ def build_model_card(
               'data_config = timm.data.resolve_data_config(model=model)',
               'transform = timm.data.create_transform(**data_config, is_training=False)', '```', '']
     if not repo:
-        lines += ['Share it with `python -m timm_energykd.hub push EXPORT_DIR USER/REPO`, then load '
-                  "`timm.create_model('hf-hub:USER/REPO', pretrained=True)`.", '']
+        lines += [_SHARE_LINE, '']
     export = 'python -m timm_energykd.hub export OUTPUT_DIR EXPORT_DIR'
     if label_names:
         export += ' --label-names config.json  # the class names stored in this export'

@@ -1,9 +1,13 @@
 """Upload an export folder to the Hugging Face Hub with ``HfApi``; every client failure is one ``HubPushError``."""
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from .export import CONFIG_NAME, EXPORT_FILES, OPTIONAL_FILES, WEIGHTS_NAME, find_pickles
+from .card import card_for_repo
+from .export import CARD_NAME, CONFIG_NAME, EXPORT_FILES, OPTIONAL_FILES, WEIGHTS_NAME, find_pickles
 
 __all__ = ['HubPushError', 'push_to_hub']
 
@@ -19,6 +23,29 @@ def _one_line(text: str, token: Optional[str]) -> str:
     if token:
         text = text.replace(token, '***')
     return text[:300]
+
+
+def _stage(folder: Path, repo_id: str) -> Path:
+    """A sibling copy of the export to upload (weights hard-linked where possible) whose card loads
+    ``hf-hub:repo_id`` instead of the local folder; the export itself is never modified."""
+    staging = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.push-', dir=folder.resolve().parent))
+    try:
+        for name in EXPORT_FILES + OPTIONAL_FILES:
+            src = folder / name
+            if not src.is_file():
+                continue
+            if name == CARD_NAME:
+                text = card_for_repo(src.read_text(encoding='utf-8'), str(folder.resolve()), repo_id)
+                (staging / name).write_text(text, encoding='utf-8')
+                continue
+            try:
+                os.link(src, staging / name)
+            except OSError:  # another filesystem, or links not allowed
+                shutil.copyfile(src, staging / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
 
 
 def push_to_hub(
@@ -73,6 +100,7 @@ def push_to_hub(
         raise HubPushError(f'push to {repo_id} failed: offline mode is on (HF_HUB_OFFLINE=1); local export kept at {folder}')
 
     from .. import __version__
+    staging = _stage(folder, repo_id)
     try:
         api = HfApi(token=token, library_name='timm-energykd', library_version=__version__)
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -80,7 +108,7 @@ def push_to_hub(
         if revision and revision != 'main' and not create_pr:
             api.create_branch(full_id, branch=revision, exist_ok=True)
         api.upload_folder(
-            repo_id=full_id, folder_path=str(folder), revision=revision, commit_message=commit_message,
+            repo_id=full_id, folder_path=str(staging), revision=revision, commit_message=commit_message,
             create_pr=create_pr, allow_patterns=list(EXPORT_FILES + OPTIONAL_FILES))
     except Exception as e:
         secret = token
@@ -93,6 +121,8 @@ def push_to_hub(
         raise HubPushError(
             f'push to {repo_id} failed: {type(e).__name__}: {_one_line(e, secret)}; local export kept at {folder}'
         ) from None  # no chained traceback: it could carry request headers
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     url = str(repo_url) if repo_url else f'https://huggingface.co/{full_id}'
     _logger.info(f'Pushed {folder} to {url}' + (f' (revision {revision})' if revision else ''))
     return url
