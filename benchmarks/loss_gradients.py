@@ -20,7 +20,7 @@ from _common import command_line, machine_info, markdown_table  # noqa: E402
 
 import torch  # noqa: E402
 
-import timm_energykd.peer_losses  # noqa: E402,F401  (registers the peer losses)
+import timm_energykd  # noqa: E402,F401  (registers every loss)
 from timm_energykd.losses import create_distill_loss, list_distill_losses  # noqa: E402
 
 

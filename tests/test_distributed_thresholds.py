@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from timm_energykd.energy import EnergyThresholds, RunningThresholds, calibrate_thresholds, energy_score  # noqa
+from timm_energykd.energy import EnergyThresholds, calibrate_thresholds, energy_score  # noqa
+from timm_energykd.thresholds import RunningThresholds  # noqa
 
 COUNTS = (23, 14)  # uneven per-rank sample counts
 

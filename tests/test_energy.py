@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from timm_energykd.thresholds import BatchQuantileThresholds, RunningThresholds
 from timm_energykd.energy import (
-    BatchQuantileThresholds, EnergyThresholds, RunningThresholds, calibrate_thresholds, energy_score,
+    EnergyThresholds, calibrate_thresholds, energy_score,
     threshold_indices,
 )
 

@@ -6,6 +6,7 @@ Each killed run is a forked child of the test process (no second torch import): 
 sends SIGKILL to its own process at the chosen moment, so nothing gets to clean up, as with ``kill -9`` or a
 pre-empted job. Resumes run in-process through ``train_energykd.main(argv)``, like the CLI.
 """
+import io
 import multiprocessing
 import os
 import signal
@@ -89,13 +90,13 @@ def _child(argv, point):
         real_torch_save = torch.save
 
         def save(obj, f, *a, **kw):
-            if isinstance(obj, dict) and obj.get('epoch') == 1 and isinstance(f, str):
-                real_torch_save(obj, f + '.full', *a, **kw)
-                with open(f + '.full', 'rb') as src, open(f, 'wb') as dst:
-                    dst.write(src.read()[:1000])
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                os.unlink(f + '.full')
+            if isinstance(obj, dict) and obj.get('epoch') == 1:
+                buf = io.BytesIO()
+                real_torch_save(obj, buf, *a, **kw)
+                dst = open(f, 'wb') if isinstance(f, str) else f  # files.torch_save_file passes its open file
+                dst.write(buf.getvalue()[:1000])
+                dst.flush()
+                os.fsync(dst.fileno())
                 _die()
             return real_torch_save(obj, f, *a, **kw)
         torch.save = save
@@ -137,9 +138,10 @@ def test_sigkill_then_resume_matches_uninterrupted(setup, point, resumes_at):
     ref_thr = setup['ref_last']['task_state']['thresholds']
     assert ckpt['task_state']['thresholds'] == ref_thr
     if point == 'during_save':
-        assert (run_dir / 'tmp.pth.tar').is_file()  # the half-written temp file, never read
+        partial = sorted(run_dir.glob('.tmp.pth.tar.*.tmp'))  # the half-written temp file, never read
+        assert len(partial) == 1 and partial[0].stat().st_size == 1000
         with pytest.raises(ValueError, match='cannot read checkpoint'):
-            load_checkpoint_file(run_dir / 'tmp.pth.tar')
+            load_checkpoint_file(partial[0])
 
     # resume reuses the thresholds from the checkpoint: a cache path that does not exist stays untouched
     no_cache = setup['root'] / f'{exp}-cache.json'

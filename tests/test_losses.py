@@ -1,37 +1,11 @@
-import math
-
 import pytest
 import torch
 
+from reference import dkd_row as _dkd_ref_row, kd_row as _kd_ref_row, mdistiller_warmup
 from timm_energykd.losses import (
-    DKDLoss, EnergyDKDLoss, EnergyKDLoss, KDLoss, create_distill_loss, dkd_loss_per_sample, kd_loss_per_sample,
+    DKDLoss, EnergyDKDLoss, EnergyKDLoss, KDLoss, create_distill_loss, dkd_loss_per_sample, dkd_warmup_factor,
+    kd_loss_per_sample,
 )
-
-
-def _softmax(z):
-    m = max(z)
-    ex = [math.exp(v - m) for v in z]
-    s = sum(ex)
-    return [v / s for v in ex]
-
-
-def _kl(p, q):
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
-
-
-def _kd_ref_row(s, t, T):
-    return _kl(_softmax([v / T for v in t]), _softmax([v / T for v in s])) * T * T
-
-
-def _dkd_ref_row(s, t, y, T, alpha, beta):
-    """DKD from its definition (Zhao et al. 2022, Eq. 6/7), in float64 probabilities."""
-    ps, pt = _softmax([v / T for v in s]), _softmax([v / T for v in t])
-    bs, bt = [ps[y], 1 - ps[y]], [pt[y], 1 - pt[y]]
-    tckd = _kl(bt, bs)
-    qs = [p / (1 - ps[y]) for c, p in enumerate(ps) if c != y]
-    qt = [p / (1 - pt[y]) for c, p in enumerate(pt) if c != y]
-    nckd = _kl(qt, qs)
-    return (alpha * tckd + beta * nckd) * T * T, tckd, nckd, pt[y]
 
 
 def _rand(b=6, c=9, scale=3.0, seed=0):
@@ -125,16 +99,40 @@ def test_dkd_two_classes_finite():
 
 
 def test_registry_classes_and_flags():
-    assert isinstance(create_distill_loss('kd'), KDLoss) and not KDLoss.uses_energy_temperature
-    assert isinstance(create_distill_loss('energy_kd'), EnergyKDLoss) and EnergyKDLoss.uses_energy_temperature
+    kd, ekd = create_distill_loss('kd'), create_distill_loss('energy_kd')
+    assert type(kd) is KDLoss and type(ekd) is KDLoss  # one class per method; the name picks the temperature source
+    assert not kd.uses_energy_temperature and ekd.uses_energy_temperature
+    assert EnergyKDLoss().uses_energy_temperature and EnergyDKDLoss().uses_energy_temperature
     d = create_distill_loss('dkd')
-    assert isinstance(d, DKDLoss) and (d.alpha, d.beta, d.warmup_epochs) == (1.0, 8.0, 20.0)
-    assert not DKDLoss.uses_energy_temperature and EnergyDKDLoss.uses_energy_temperature
+    assert isinstance(d, DKDLoss) and (d.alpha, d.beta, d.warmup_epochs, d.warmup_mode) == (1.0, 8.0, 20.0, 'mdistiller')
+    assert not d.uses_energy_temperature and create_distill_loss('energy_dkd').uses_energy_temperature
+    with pytest.raises(ValueError, match='contradicts'):
+        create_distill_loss('energy_kd', temperature_source='fixed')
 
 
-def test_dkd_warmup_and_soft_targets():
+@pytest.mark.parametrize('warmup', [1, 20])
+@pytest.mark.parametrize('steps', [1, 7])
+def test_dkd_warmup_equals_mdistiller_at_every_step(warmup, steps):
+    """mdistiller: ``min(epoch / W, 1)``, integer epoch from 1; the task sends ``epoch + step / steps`` (0-based)."""
     s, t, y = _rand()
-    loss_fn = DKDLoss(warmup_epochs=20)
+    full = dkd_loss_per_sample(s, t, y, 4.0).mean()
+    loss_fn = DKDLoss(warmup_epochs=warmup)
+    # before any set_progress call the loss is at the first step of epoch 1
+    assert loss_fn.warmup_factor == mdistiller_warmup(1, warmup)
+    for epoch in range(warmup + 1):
+        for step in range(steps):
+            loss_fn.set_progress(epoch + step / steps)
+            want = mdistiller_warmup(epoch + 1, warmup)
+            assert loss_fn.warmup_factor == want, (epoch, step)
+            torch.testing.assert_close(loss_fn(s, t, y, 4.0), want * full, rtol=1e-6, atol=1e-7)
+    if warmup == 1:  # the ImageNet Energy DKD recipes: the full DKD term from the first step
+        loss_fn.set_progress(0.0)
+        assert loss_fn.warmup_factor == 1.0
+
+
+def test_dkd_linear_warmup_option_and_soft_targets():
+    s, t, y = _rand()
+    loss_fn = DKDLoss(warmup_epochs=20, warmup_mode='linear')
     full = dkd_loss_per_sample(s, t, y, 4.0).mean()
     assert float(loss_fn(s, t, y, 4.0)) == 0.0
     loss_fn.set_progress(5)
@@ -144,6 +142,9 @@ def test_dkd_warmup_and_soft_targets():
     soft = torch.nn.functional.one_hot(y, 9).float() * 0.9 + 0.1 / 9
     torch.testing.assert_close(loss_fn(s, t, soft, 4.0), full)
     assert float(DKDLoss(warmup_epochs=0)(s, t, y, 4.0)) == pytest.approx(float(full))
+    assert dkd_warmup_factor(3.5, 0, 'linear') == 1.0
+    with pytest.raises(ValueError, match='warmup_mode'):
+        DKDLoss(warmup_mode='cosine')
 
 
 def test_kd_loss_is_batch_mean_of_per_sample():

@@ -1,4 +1,7 @@
-"""The model zoo: registration, timm model API, parameter counts, feature extraction."""
+"""The model zoo: registration, timm model API, parameter counts, feature extraction.
+
+timm's own model tests run on every model in tests/test_timm_model_suite.py; these check what they do not
+(equal numbers across the feature paths and torchscript, dtypes at forward, pruning per tap)."""
 import pytest
 import torch
 import torch.nn as nn
@@ -97,7 +100,7 @@ def test_timm_model_api(name):
     else:
         assert cfg['input_size'] == (3, 224, 224)
     assert cfg['classifier'] == 'fc' and model.get_classifier() is model.fc
-    assert dict(model.named_modules())[cfg['first_conv']].in_channels == 3
+    assert dict(model.named_modules())[cfg['first_conv']].in_channels == 3 == model.in_chans
 
     x = _input(name)
     with torch.no_grad():
@@ -106,7 +109,7 @@ def test_timm_model_api(name):
         if name.startswith('cifar_'):
             assert tuple(feats.shape[2:]) == cfg['pool_size']
         pre = model.forward_head(feats, pre_logits=True)
-        assert pre.shape == (x.shape[0], model.num_features)
+        assert pre.shape == (x.shape[0], model.head_hidden_size) and model.head_hidden_size == model.num_features
         logits = model.forward_head(feats)
         assert logits.shape == (x.shape[0], 10)
         assert torch.allclose(logits, model(x), atol=1e-5)
@@ -140,18 +143,146 @@ def test_features_only_matches_feature_info(name):
         assert x.shape[-1] // out.shape[-1] == i['reduction']
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+# One model per family (the CIFAR and the ImageNet ShuffleNetV2 differ in the stem pool).
+FAMILIES = ['cifar_resnet8', 'cifar_wrn_16_1', 'cifar_vgg8', 'cifar_mobilenetv2', 'cifar_shufflenetv1',
+            'cifar_shufflenetv2', 'shufflenetv2_x0_5']
+
+
+def _small_input(name, batch=2):
+    # ImageNet ShuffleNetV2 at 64 px: every tap keeps a spatial extent (2x2 at the end), and it is fast on CPU
+    size = 64 if name.startswith('shufflenetv2_') else 32
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet14'] + FAMILIES[1:])
+def test_grad_checkpointing_gives_the_same_gradients(name):
     torch.manual_seed(0)
-    model = timm.create_model('cifar_resnet14', num_classes=10)
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    model = timm.create_model(name, num_classes=10)
+    x = _small_input(name).requires_grad_(True)
+
+    def grads():
+        model.zero_grad()
+        out, taps = model.forward_intermediates(x)
+        (model.forward_head(out).sum() + sum(t.mean() for t in taps)).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    ref = [None] * 2
     model(x).sum().backward()
-    ref = [p.grad.clone() for p in model.parameters()]
+    ref[0] = [p.grad.clone() for p in model.parameters()]
+    ref[1] = grads()
     model.zero_grad()
     # BN running stats changed in the first pass; gradients do not depend on them in train mode.
     model.set_grad_checkpointing(True)
     model(x).sum().backward()
-    for g, r in zip((p.grad for p in model.parameters()), ref):
+    for g, r in zip((p.grad for p in model.parameters()), ref[0]):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    for g, r in zip(grads(), ref[1]):  # forward_intermediates checkpoints per block too
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_timm_factory_device_dtype_and_in_chans(name):
+    # timm.create_model's device / dtype reach every parameter and buffer (meta: no memory, no init cost)
+    model = timm.create_model(name, device='meta', in_chans=1)
+    assert all(t.device.type == 'meta' for t in [*model.parameters(), *model.buffers()])
+    assert model.in_chans == 1 and dict(model.named_modules())[model.pretrained_cfg['first_conv']].in_channels == 1
+    model = timm.create_model(name, device='meta', dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.in_chans == 3
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_bf16_and_float64_models_keep_their_dtype_through_reset_classifier(name):
+    x = _small_input(name, batch=1)
+    model = timm.create_model(name, dtype=torch.bfloat16).eval()
+    model.reset_classifier(7)
+    assert model.fc.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(x.bfloat16()).dtype == torch.bfloat16
+    model = timm.create_model(name).double().train()
+    model.reset_classifier(5)
+    assert model.fc.weight.dtype == torch.float64 and model.fc.training
+    assert model(x.double()).shape == (1, 5)
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_catavgmax_head_width(name):
+    model = timm.create_model(name, num_classes=3, global_pool='catavgmax').eval()
+    x = _small_input(name, batch=1)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape[1] == model.num_features  # timm: num_features is the unpooled width
+        assert model.forward_head(feats, pre_logits=True).shape[1] == model.head_hidden_size == 2 * model.num_features
+        assert model(x).shape == (1, 3)
+        model.reset_classifier(0)
+        assert model(x).shape == (1, model.head_hidden_size)
+        model.reset_classifier(4, 'avg')
+        assert model.head_hidden_size == model.num_features and model(x).shape == (1, 4)
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_forward_intermediates_are_the_features_only_taps(name):
+    """forward_intermediates returns exactly what features_only returns (default and 'getter' wrappers,
+    all taps and a selection), and its final output is forward_features."""
+    x = _small_input(name, batch=1)
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    n = len(model.feature_info)
+    with torch.no_grad():
+        out, taps = model.forward_intermediates(x)
+        torch.testing.assert_close(out, model.forward_features(x), rtol=0, atol=0)
+        assert [t.shape[1] for t in taps] == [i['num_chs'] for i in model.feature_info]
+        for indices in (None, (1, n - 1)):
+            kwargs = {} if indices is None else dict(out_indices=indices)
+            expected = taps if indices is None else [taps[i] for i in indices]
+            for feature_cls in (None, 'getter'):
+                if feature_cls:
+                    kwargs['feature_cls'] = feature_cls
+                torch.manual_seed(0)
+                fmodel = timm.create_model(name, features_only=True, **kwargs).eval()
+                torch.testing.assert_close(fmodel(x), expected, rtol=0, atol=0)
+            early = model.forward_intermediates(x, indices=indices, stop_early=True, intermediates_only=True)
+            torch.testing.assert_close(early, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_prune_intermediate_layers_ends_the_features_at_the_tap(name):
+    import copy
+    x = _small_input(name, batch=1)
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        for i, tap in enumerate(taps):
+            pruned = copy.deepcopy(model)
+            assert pruned.prune_intermediate_layers([i]) == [i]
+            torch.testing.assert_close(pruned.forward_features(x), tap, rtol=0, atol=0)
+            assert pruned.num_features == pruned.head_hidden_size == tap.shape[1]
+            assert pruned(x).shape == tap.shape  # head and pooling removed
+            assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+        # keeping the head at the last tap keeps the model's output
+        pruned = copy.deepcopy(model)
+        pruned.prune_intermediate_layers([len(taps) - 1], prune_head=False)
+        torch.testing.assert_close(pruned(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')
+@pytest.mark.parametrize('name', FAMILIES)
+def test_torchscript_matches_eager(name):
+    x = _small_input(name, batch=1)
+    model = timm.create_model(name).eval()
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet8', 'cifar_mobilenetv2'])
+def test_torch_compile_full_graph(name):
+    # dynamo traces forward without graph breaks (the grad-checkpointing branch is not taken in eval)
+    x = _small_input(name, batch=1)
+    model = timm.create_model(name).eval()
+    compiled = torch.compile(model, backend='eager', fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
 
 
 def test_group_matcher_covers_all_parameters():

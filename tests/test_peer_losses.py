@@ -9,24 +9,20 @@ import pytest
 import torch
 import torch.nn as nn
 
-from timm_energykd.losses import create_distill_loss, list_distill_losses
-from timm_energykd.peer_losses import (
-    BlendedTeacher, make_pruned_teacher, r2kd_loss, rekd_loss_per_sample, standardize_logits,
+from reference import cos as _cos, dkd_row, mdistiller_warmup, kl as _kl, log_softmax as _log_softmax, std_row as _std_row
+from timm_energykd.losses import (
+    create_distill_loss, cswt_temperature, kd_loss_per_sample, list_distill_losses, r2kd_loss, rekd_loss_per_sample,
+    standardize_logits,
 )
-from timm_energykd.losses import kd_loss_per_sample
+from timm_energykd.teacher import BlendedTeacher, make_pruned_teacher
 
 PEER_NAMES = ['kd_ls', 'dkd_ls', 'energy_kd_ls', 'wttm', 'energy_wttm', 'r2kd', 'energy_r2kd', 'rekd',
               'energy_rekd', 'cskd']
 ENERGY_NAMES = {'energy_kd_ls', 'energy_wttm', 'energy_r2kd', 'energy_rekd'}
 
 
-def _has_dkd():
-    from timm_energykd import losses
-    return hasattr(losses, 'dkd_loss_per_sample')
-
-
 def _names():
-    return [n for n in PEER_NAMES if n != 'dkd_ls' or _has_dkd()]
+    return list(PEER_NAMES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -37,24 +33,8 @@ def _rows(x):
     return [[float(v) for v in row] for row in x.double().tolist()]
 
 
-def _log_softmax(z):
-    m = max(z)
-    lse = m + math.log(sum(math.exp(v - m) for v in z))
-    return [v - lse for v in z]
 
 
-def _kl(log_p, log_q):
-    return sum(math.exp(a) * (a - b) for a, b in zip(log_p, log_q))
-
-
-def _cos(a, b):
-    return sum(x * y for x, y in zip(a, b)) / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
-
-
-def _std_row(z, eps=1e-7):
-    m = sum(z) / len(z)
-    sd = math.sqrt(sum((v - m) ** 2 for v in z) / (len(z) - 1))
-    return [(v - m) / (sd + eps) for v in z]
 
 
 def _kd_ls_ref(S, Tt, temps):
@@ -75,15 +55,7 @@ def _wttm_ref(S, Tt, gammas):
 
 
 def _dkd_ref(S, Tt, y, temps, alpha=1.0, beta=8.0):
-    out = 0.0
-    for s, t, c, T in zip(S, Tt, y, temps):
-        ps = [math.exp(v) for v in _log_softmax([v / T for v in s])]
-        pt = [math.exp(v) for v in _log_softmax([v / T for v in t])]
-        tckd = pt[c] * math.log(pt[c] / ps[c]) + (1 - pt[c]) * math.log((1 - pt[c]) / (1 - ps[c]))
-        nt = [j for j in range(len(s)) if j != c]
-        nckd = _kl(_log_softmax([t[j] / T for j in nt]), _log_softmax([s[j] / T for j in nt]))
-        out += (alpha * tckd + beta * nckd) * T * T
-    return out / len(S)
+    return sum(dkd_row(s, t, c, T, alpha, beta)[0] for s, t, c, T in zip(S, Tt, y, temps)) / len(S)
 
 
 def _ranks(v):
@@ -232,16 +204,22 @@ def test_kd_ls_is_invariant_to_logit_shift_and_scale():
     _close(loss(s, t, y, 2.0).item(), loss(3 * s + 5, 0.5 * t - 2, y, 2.0).item(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not _has_dkd(), reason='core dkd_loss_per_sample not merged yet')
 def test_dkd_ls_value_and_warmup():
     s, t, y, temps = _data()
     S, Tt = _rows(s), _rows(t)
     std_s, std_t = [_std_row(r) for r in S], [_std_row(r) for r in Tt]
     loss = create_distill_loss('dkd_ls', warmup_epochs=0)
     _close(loss(s, t, y, temps).item(), _dkd_ref(std_s, std_t, y.tolist(), temps.tolist()), rtol=1e-4, atol=1e-4)
+    # DKD+LS is DKD on standardised logits: the warm-up is DKD's own (mdistiller's rule by default)
+    from timm_energykd.losses import DKDLoss
     warm = create_distill_loss('dkd_ls', warmup_epochs=20)
-    warm.set_progress(5)
-    _close(warm(s, t, y, 4.0).item(), 0.25 * _dkd_ref(std_s, std_t, y.tolist(), [4.0] * 5), rtol=1e-4, atol=1e-4)
+    assert isinstance(warm, DKDLoss) and warm.warmup_mode == 'mdistiller'
+    warm.set_progress(5.5)  # 0-based epoch 5 -> mdistiller's epoch 6
+    ref = mdistiller_warmup(6, 20) * _dkd_ref(std_s, std_t, y.tolist(), [4.0] * 5)
+    _close(warm(s, t, y, 4.0).item(), ref, rtol=1e-4, atol=1e-4)
+    lin = create_distill_loss('dkd_ls', warmup_epochs=20, warmup_mode='linear')
+    lin.set_progress(5)
+    _close(lin(s, t, y, 4.0).item(), 0.25 * _dkd_ref(std_s, std_t, y.tolist(), [4.0] * 5), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,6 +246,8 @@ def test_wttm_fixed_gamma_and_unweighted():
     _close(ttm, ref)
     with pytest.raises(ValueError, match='gamma'):
         create_distill_loss('wttm', gamma=2.0)
+    with pytest.raises(ValueError, match='ignored'):  # a fixed power would silently drop the energy temperatures
+        create_distill_loss('energy_wttm', gamma=0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,7 +328,6 @@ def test_cskd_per_sample_temperature_and_cswt_direction():
     s, t, y, temps = _data()
     loss = create_distill_loss('cskd', t_min=1.0, t_max=5.0, fixed_weight=1.0, cswt_weight=0.5)
     _close(loss(s, t, y, temps).item(), _cskd_ref(_rows(s), _rows(t), temps.tolist(), 1.0, 5.0, 1.0, 0.5))
-    from timm_energykd.peer_losses import cswt_temperature
     tw = cswt_temperature(s, t, 2.0, 6.0)
     ref = torch.tensor(_cswt_ref(_rows(s), _rows(t), 2.0, 6.0))
     _close(tw, ref)
@@ -432,3 +411,34 @@ def test_blended_teacher_mixes_logits():
     custom = BlendedTeacher(teacher, pruned_teacher=teacher, teacher_weight=0.2)
     with torch.no_grad():
         torch.testing.assert_close(custom(x), teacher(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per_sample with a row mask: the batch terms use the valid rows only
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name,ref', [
+    ('energy_r2kd', lambda S, Tt, y, T: _r2kd_ref(S, Tt, T)),
+    ('energy_r2kd_pearson', lambda S, Tt, y, T: _r2kd_ref(S, Tt, T, metric='pearson')),
+    ('cskd', lambda S, Tt, y, T: _cskd_ref(S, Tt, T)),
+    ('energy_rekd', lambda S, Tt, y, T: _rekd_ref(S, Tt, y, T, 3)),
+    ('energy_kd_ls', lambda S, Tt, y, T: _kd_ls_ref(S, Tt, T)),
+])
+def test_masked_per_sample_equals_reference_on_valid_rows(name, ref):
+    s, t, y, temps = _data(b=5)
+    kwargs = {'value_metric': 'pearson'} if name.endswith('_pearson') else ({'k': 3} if 'rekd' in name else {})
+    loss = create_distill_loss(name.replace('_pearson', ''), **kwargs)
+    valid = torch.tensor([True, False, True, True, False])
+    rows = loss.per_sample(s, t, y, temps, valid=valid)
+    got = (rows * valid).sum() / valid.sum()
+    keep = [i for i in range(5) if valid[i]]
+    S, Tt = [_rows(s)[i] for i in keep], [_rows(t)[i] for i in keep]
+    _close(got.item(), ref(S, Tt, [int(y[i]) for i in keep], [float(temps[i]) for i in keep]))
+    # no mask: the batch mean of per_sample is the loss
+    _close(loss.per_sample(s, t, y, temps).mean().item(), loss(s, t, y, temps).item(), rtol=1e-6, atol=1e-7)
+
+
+def test_cskd_has_no_energy_variant():
+    assert 'energy_cskd' not in list_distill_losses()
+    with pytest.raises(ValueError, match='own per-sample temperatures'):
+        create_distill_loss('cskd', temperature_source='energy')

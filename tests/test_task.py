@@ -276,15 +276,22 @@ def test_tiny_timm_model_trains_loss_goes_down():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_loss_module_without_per_sample_and_nonfinite_rows():
+def test_loss_module_needs_per_sample_and_nonfinite_rows_are_masked():
     class PlainKL(nn.Module):
         uses_energy_temperature = True
 
         def forward(self, s, t, target, temperature):
             return kd_loss_per_sample(s, t, temperature).mean()
 
+    with pytest.raises(ValueError, match='per_sample'):
+        _task(distill_loss=PlainKL(), threshold_mode='batch')
+
+    class RowKL(PlainKL):
+        def per_sample(self, s, t, target, temperature, valid=None):
+            return kd_loss_per_sample(s, t, temperature)
+
     x, y = _batch(6)
-    task = _task(distill_loss=PlainKL(), threshold_mode='batch')
+    task = _task(distill_loss=RowKL(), threshold_mode='batch')
     real = task.teacher.model.forward
     task.teacher.model.forward = lambda inp: torch.cat([real(inp)[:5], torch.full((1, NUM_CLASSES), float('nan'))])
     o = task(x, y)
@@ -334,3 +341,24 @@ def test_ema_checkpoint_state_includes_task_state():
     task.update_ema()
     ckpt = task.get_checkpoint_state(ema=True)
     assert 'state_dict_ema' in ckpt and 'estimator' in ckpt['task_state_ema']
+
+
+def test_task_is_timms_logit_distillation_task():
+    """Shared behaviour comes from timm's class: weighting, train(), prepare_distributed, compile."""
+    task = _task(distill_loss='kd')
+    assert isinstance(task, LogitDistillationTask)
+    for name in ('prepare_distributed', 'compile'):
+        assert getattr(EnergyDistillationTask, name) is getattr(LogitDistillationTask, name), name
+    assert isinstance(task.teacher, timm.task.DistillationTeacher)
+
+
+def test_teacher_name_with_other_pretrained_class_count_is_refused():
+    # timm would drop the 1000-class pretrained head for a 5-class student and give a random one
+    student = timm.create_model('resnet10t', num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match='random'):
+        EnergyDistillationTask(student, 'resnet10t', distill_loss='kd', verbose=False)
+
+
+def test_timm_only_arguments_are_checked():
+    with pytest.raises(ValueError, match='not an argument'):
+        _task(distill_loss='kd', no_such_timm_argument=1)

@@ -9,18 +9,18 @@ __version__ = '0.1.0'
 
 from .losses import (
     DistillLoss, register_distill_loss, create_distill_loss, list_distill_losses, is_distill_loss,
-    kd_loss_per_sample, dkd_loss_per_sample, KDLoss, EnergyKDLoss, DKDLoss, EnergyDKDLoss,
+    uses_energy_temperature, loss_options, loss_kwargs_from_args,
+    kd_loss_per_sample, dkd_loss_per_sample, dkd_warmup_factor, KDLoss, EnergyKDLoss, DKDLoss, EnergyDKDLoss,
 )
 from .energy import (
-    energy_score, threshold_indices, EnergyThresholds, calibrate_thresholds, BatchQuantileThresholds,
-    RunningThresholds,
+    energy_score, threshold_indices, EnergyThresholds, calibrate_thresholds,
 )
+from .thresholds import BatchQuantileThresholds, RunningThresholds
 from .temperature import TwoBinTemperature, GradedTemperature, create_temperature_policy
 from .mixing import HighEnergyMix, MixResult
 from .task import EnergyDistillationTask
 from . import models
-from . import peer_losses
 from .data import long_tailed_indices, TransformSubset, create_train_eval_datasets
-from .teacher import build_teacher
+from .teacher import build_teacher, BlendedTeacher, make_pruned_teacher
 from .files import write_atomic, save_checkpoint_atomic, load_checkpoint_file
 from .plots import plot_energy_histogram

@@ -15,11 +15,11 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
-from .energy import EnergyThresholds, calibrate_thresholds, energy_score, gather_variable_length
+from .energy import EnergyThresholds, calibrate_thresholds
 
 __all__ = ['Calibration', 'calibrate_or_load', 'he_da_cache_path', 'check_threshold_values']
 
@@ -71,6 +71,8 @@ def calibrate_or_load(
         save: bool = True,
         progress: bool = False,
         log_interval: int = 50,
+        rule: str = 'paper',
+        drop_last: bool = False,
 ) -> Calibration:
     """Dataset thresholds (paper Eq. 9/11): from ``cache`` when its identity matches, else one teacher pass.
 
@@ -85,6 +87,8 @@ def calibrate_or_load(
         num_bins: bins of the gradation policy (``num_bins - 1`` edges).
         he_da_rate: HE-DA's own selection rate when it differs from ``rate``; computed in the same pass.
         save: write the cache(s) (rank 0 only under DDP).
+        rule: threshold index rule, ``'paper'`` or ``'authors'`` (``energy.threshold_indices``).
+        drop_last: leave out the last partial batch, as the authors' pass does.
 
     Raises:
         ValueError: the cache's identity differs, it is corrupt, or its values are not usable thresholds.
@@ -104,24 +108,17 @@ def calibrate_or_load(
             return Calibration(thresholds, _load(he_cache, he_identity), from_cache=True)
         # the HE-DA cache is missing: recompute both in one pass
 
-    energies: List[torch.Tensor] = []
-
-    def recording_teacher(x):
-        logits = teacher_fn(x)
-        if separate_he:
-            energies.append(energy_score(logits, energy_temperature))
-        return logits
-
-    thresholds = calibrate_thresholds(
-        recording_teacher, loader, rate, energy_temperature=energy_temperature, num_bins=num_bins, device=device,
-        identity=identity, amp_dtype=amp_dtype, progress=progress, log_interval=log_interval)
+    # the gathered energies of the pass (the kept batches) also give HE-DA's thresholds at its own rate
+    thresholds, all_e = calibrate_thresholds(
+        teacher_fn, loader, rate, energy_temperature=energy_temperature, num_bins=num_bins, device=device,
+        identity=identity, amp_dtype=amp_dtype, progress=progress, log_interval=log_interval, rule=rule,
+        drop_last=drop_last, return_energies=True)
     check_threshold_values(thresholds, 'the teacher pass')
     he_thresholds = None
     if separate_he:
-        all_e = gather_variable_length(torch.cat(energies))
         he_thresholds = EnergyThresholds.from_energies(
             all_e, he_da_rate, energy_temperature=energy_temperature, num_bins=num_bins,
-            identity=dict(he_identity, N=int(all_e.numel())))
+            identity=dict(he_identity, N=int(all_e.numel())), rule=rule)
     if save and cache:
         thresholds.save_json(cache)
         if he_thresholds is not None:

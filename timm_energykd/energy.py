@@ -11,12 +11,16 @@ Threshold convention (paper Eq. 9/11), shared by every estimator here: with the 
 ascending (0-based), ``low = E[floor(N*r)]`` and ``high = E[min(floor(N*(1-r)), N-1)]``; a sample is
 low-energy when ``E <= low`` and high-energy when ``E > high``; ``r`` is in (0, 0.5].
 
+``rule='authors'`` (dataset thresholds only) reproduces the authors' public code instead: ``low =
+E[int(N*r)]``, ``high = E[N - 1 - int(N*r)]``, low-energy when ``E < low`` (strict), high-energy when
+``E > high``; their calibration pass also skips the last partial batch (``drop_last=True`` here).
+
 Three ways to get thresholds:
 
 * ``calibrate_thresholds``: one no-grad teacher pass over a loader (the paper's and the authors' way),
   gathered across ranks, cached as JSON by ``EnergyThresholds.save_json`` / ``load_json``.
-* ``BatchQuantileThresholds``: the same quantiles on each batch's energies (no calibration pass).
-* ``RunningThresholds``: an EMA of the per-batch quantiles, kept in buffers so it is checkpointed.
+* ``thresholds.BatchQuantileThresholds``: the same quantiles on each batch's energies (no calibration pass).
+* ``thresholds.RunningThresholds``: an EMA of the per-batch quantiles, kept in buffers so it is checkpointed.
 """
 import dataclasses
 import json
@@ -29,16 +33,22 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 __all__ = [
-    'energy_score', 'threshold_indices', 'quantile_index', 'EnergyThresholds', 'calibrate_thresholds',
-    'BatchQuantileThresholds', 'RunningThresholds', 'gather_variable_length',
+    'energy_score', 'threshold_indices', 'quantile_index', 'EnergyThresholds', 'calibrate_thresholds', 'RULES',
+    'gather_variable_length', 'check_rate',
 ]
 
 _logger = logging.getLogger(__name__)
 
 _HIST_BINS = 50
+
+RULES = ('paper', 'authors')
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule='{rule}'; expected one of: {', '.join(RULES)}")
 
 
 def energy_score(logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -46,7 +56,7 @@ def energy_score(logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor
     return -temperature * torch.logsumexp(logits.float() / temperature, dim=-1)
 
 
-def _check_rate(rate: float, name: str = 'rate') -> None:
+def check_rate(rate: float, name: str = 'rate') -> None:
     if not (0.0 < float(rate) <= 0.5):
         raise ValueError(f'{name}={rate} is out of range; expected 0 < {name} <= 0.5')
 
@@ -59,29 +69,28 @@ def quantile_index(num_samples: int, fraction: float) -> int:
     return min(int(math.floor(num_samples * fraction + 1e-9)), num_samples - 1)
 
 
-def threshold_indices(num_samples: int, rate: float) -> Tuple[int, int]:
-    """0-based (low, high) indices into N ascending energies: ``(floor(N*r), min(floor(N*(1-r)), N-1))``.
+def threshold_indices(num_samples: int, rate: float, rule: str = 'paper') -> Tuple[int, int]:
+    """0-based (low, high) indices into N ascending energies.
 
-    Example: N=10, r=0.2 -> (2, 8).
+    ``rule='paper'``: ``(floor(N*r), min(floor(N*(1-r)), N-1))``; N=10, r=0.2 -> (2, 8).
+    ``rule='authors'``: ``(int(N*r), N - 1 - int(N*r))`` with Python's float product, as their code; -> (2, 7).
     """
-    _check_rate(rate)
+    check_rate(rate)
+    _check_rule(rule)
     if num_samples < 1:
         raise ValueError(f'num_samples={num_samples}; thresholds need at least one energy')
+    if rule == 'authors':
+        k = min(int(num_samples * rate), num_samples - 1)
+        return k, num_samples - 1 - k
     return quantile_index(num_samples, rate), quantile_index(num_samples, 1.0 - rate)
 
 
 def _bin_edge_indices(num_samples: int, num_bins: int) -> List[int]:
     """Indices ``min(floor(N * k / num_bins), N - 1)`` of the ``num_bins - 1`` interior quantile edges.
 
-    Integer arithmetic (exact), mirrored on-device by ``_bin_edge_index_tensor``.
+    Integer arithmetic (exact), mirrored on-device in ``thresholds.py``.
     """
     return [min(num_samples * k // num_bins, num_samples - 1) for k in range(1, num_bins)]
-
-
-def _bin_edge_index_tensor(num_samples: int, num_bins: int, device) -> torch.Tensor:
-    # built on the device (no host->device copy, which would stall the stream in a training step)
-    k = torch.arange(1, num_bins, device=device)
-    return (k * num_samples // num_bins).clamp_(max=num_samples - 1)
 
 
 @dataclass
@@ -89,7 +98,8 @@ class EnergyThresholds:
     """Energy thresholds computed over a calibration set, with diagnostics and cache identity.
 
     Attributes:
-        low: Low-energy threshold; samples with ``E <= low`` are low-energy (confident).
+        low: Low-energy threshold; samples with ``E <= low`` (``E < low`` under ``rule='authors'``) are
+            low-energy (confident).
         high: High-energy threshold; samples with ``E > high`` are high-energy (uncertain).
         rate: The fraction ``r`` used for both thresholds.
         energy_temperature: ``T_E`` the energies were computed with.
@@ -99,6 +109,7 @@ class EnergyThresholds:
         bin_counts: ``{'low': n, 'mid': n, 'high': n}`` over the calibration set.
         identity: What the thresholds were computed from (teacher, checkpoint sha256, dataset, split, N,
             transform repr, r, T_E...); checked by ``load_json(expect_identity=...)``.
+        rule: ``'paper'`` or ``'authors'``: the index rule used, and the low-group comparison it implies.
     """
     low: float
     high: float
@@ -109,6 +120,7 @@ class EnergyThresholds:
     histogram: Dict[str, Any] = field(default_factory=dict)
     bin_counts: Dict[str, int] = field(default_factory=dict)
     identity: Dict[str, Any] = field(default_factory=dict)
+    rule: str = 'paper'
 
     @property
     def num_bins(self) -> int:
@@ -122,9 +134,11 @@ class EnergyThresholds:
             energy_temperature: float = 4.0,
             num_bins: int = 10,
             identity: Optional[Dict[str, Any]] = None,
+            rule: str = 'paper',
     ) -> 'EnergyThresholds':
-        """Thresholds from a 1-D tensor of energies (any device), using the module's index convention."""
-        _check_rate(rate)
+        """Thresholds from a 1-D tensor of energies (any device), with the index rule ``rule``."""
+        check_rate(rate)
+        _check_rule(rule)
         if num_bins < 2:
             raise ValueError(f'num_bins={num_bins}; expected at least 2')
         e = energies.detach().reshape(-1).double().cpu()
@@ -138,7 +152,7 @@ class EnergyThresholds:
                 f'{bad} of {n} teacher energies are not finite (NaN/Inf teacher logits); check the teacher '
                 f'checkpoint and its input normalisation')
         e_sorted, _ = torch.sort(e)
-        i_low, i_high = threshold_indices(n, rate)
+        i_low, i_high = threshold_indices(n, rate, rule)
         low, high = float(e_sorted[i_low]), float(e_sorted[i_high])
         edges = [float(e_sorted[i]) for i in _bin_edge_indices(n, num_bins)]
         lo, hi = float(e_sorted[0]), float(e_sorted[-1])
@@ -146,7 +160,7 @@ class EnergyThresholds:
             hi = lo + 1e-6  # all energies equal; histc needs a non-empty range
         counts = torch.histc(e, bins=_HIST_BINS, min=lo, max=hi)
         hist_edges = torch.linspace(lo, hi, _HIST_BINS + 1, dtype=torch.float64)
-        n_low = int((e <= low).sum())
+        n_low = int((e < low).sum()) if rule == 'authors' else int((e <= low).sum())
         n_high = int((e > high).sum())
         identity = dict(identity or {})
         return cls(
@@ -159,6 +173,7 @@ class EnergyThresholds:
             histogram={'counts': [int(c) for c in counts.tolist()], 'edges': hist_edges.tolist()},
             bin_counts={'low': n_low, 'mid': n - n_low - n_high, 'high': n_high},
             identity=identity,
+            rule=rule,
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -173,6 +188,7 @@ class EnergyThresholds:
         out = cls(**{k: v for k, v in d.items() if k in names})
         out.low, out.high, out.rate = float(out.low), float(out.high), float(out.rate)
         out.bin_edges = [float(v) for v in out.bin_edges]
+        _check_rule(out.rule)
         return out
 
     def save_json(self, path) -> None:
@@ -247,7 +263,10 @@ def calibrate_thresholds(
         amp_dtype: Optional[torch.dtype] = None,
         progress: bool = True,
         log_interval: int = 50,
-) -> EnergyThresholds:
+        rule: str = 'paper',
+        drop_last: bool = False,
+        return_energies: bool = False,
+):
     """One no-grad teacher pass over ``loader``; thresholds from all the energies.
 
     Under ``torch.distributed`` every rank's energies are all-gathered (lengths may differ) and the
@@ -266,8 +285,17 @@ def calibrate_thresholds(
         amp_dtype: Run the teacher under ``torch.autocast`` with this dtype (energies stay float32).
         progress: Log progress (count, img/s, ETA) on rank 0.
         log_interval: Batches between progress lines.
+        rule: Index rule, ``'paper'`` (default) or ``'authors'`` (see the module docstring).
+        drop_last: Leave out the last batch when it is smaller than the first (the authors' pass skips
+            the partial batch of a loader without ``drop_last``); per rank under DDP.
+        return_energies: Also return the gathered energies that were used (e.g. for HE-DA thresholds at
+            another rate from the same pass: ``EnergyThresholds.from_energies(energies, rate_he, rule=...)``).
+
+    Returns:
+        ``EnergyThresholds``, or ``(EnergyThresholds, energies)`` with ``return_energies=True``.
     """
-    _check_rate(rate)
+    check_rate(rate)
+    _check_rule(rule)
     if num_bins < 2:
         raise ValueError(f'num_bins={num_bins}; expected at least 2')
     rank0 = not _dist_ready() or dist.get_rank() == 0
@@ -301,6 +329,8 @@ def calibrate_thresholds(
                     msg += f'/{num_batches}, ETA {eta:.0f}s'
                 _logger.info(f'{msg}, {seen} images on this rank, {rate_s:.1f} img/s')
 
+    if drop_last and len(energies) > 1 and energies[-1].numel() < energies[0].numel():
+        energies = energies[:-1]
     if energies:
         local = torch.cat(energies)
     else:
@@ -310,120 +340,9 @@ def calibrate_thresholds(
     identity = dict(identity or {})
     identity['N'] = int(all_energies.numel())
     out = EnergyThresholds.from_energies(
-        all_energies, rate, energy_temperature=energy_temperature, num_bins=num_bins, identity=identity)
+        all_energies, rate, energy_temperature=energy_temperature, num_bins=num_bins, identity=identity, rule=rule)
     if progress and rank0:
         _logger.info(
             f'Energy thresholds over {out.num_samples} samples: low={out.low:.4f} high={out.high:.4f} '
-            f'(r={rate}, T_E={energy_temperature}), counts {out.bin_counts}')
-    return out
-
-
-def _batch_quantiles(
-        energy: torch.Tensor,
-        rate: float,
-        num_bins: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(low, high, bin_edges) of one batch of energies; index positions are python ints -> no host sync."""
-    e_sorted, _ = torch.sort(energy.detach().float().reshape(-1))
-    n = e_sorted.numel()
-    i_low, i_high = threshold_indices(n, rate)
-    edge_idx = _bin_edge_index_tensor(n, num_bins, e_sorted.device)
-    return e_sorted[i_low], e_sorted[i_high], e_sorted.index_select(0, edge_idx)
-
-
-def _gather_equal(energy: torch.Tensor) -> torch.Tensor:
-    """All-gather same-length energies from every rank (training batches; ``drop_last`` keeps sizes equal)."""
-    if not _dist_ready():
-        return energy
-    energy = energy.detach().float().reshape(-1).contiguous()
-    chunks = [torch.empty_like(energy) for _ in range(dist.get_world_size())]
-    dist.all_gather(chunks, energy)
-    return torch.cat(chunks)
-
-
-class BatchQuantileThresholds(nn.Module):
-    """Thresholds from the quantiles of the current batch's energies (no calibration pass).
-
-    ``forward(energy[B]) -> (low, high, bin_edges)`` as float32 tensors on the energy's device.
-
-    Args:
-        rate: Threshold fraction r in (0, 0.5].
-        num_bins: Quantile bins for graded temperatures (``num_bins - 1`` edges).
-        sync_distributed: All-gather the batch energies across ranks first (all ranks then share
-            thresholds; needs equal per-rank batch sizes). Default False: per-rank batch quantiles.
-    """
-
-    def __init__(self, rate: float = 0.2, num_bins: int = 10, sync_distributed: bool = False):
-        super().__init__()
-        _check_rate(rate)
-        if num_bins < 2:
-            raise ValueError(f'num_bins={num_bins}; expected at least 2')
-        self.rate = float(rate)
-        self.num_bins = int(num_bins)
-        self.sync_distributed = sync_distributed
-
-    def forward(self, energy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.sync_distributed:
-            energy = _gather_equal(energy)
-        return _batch_quantiles(energy, self.rate, self.num_bins)
-
-    def extra_repr(self) -> str:
-        return f'rate={self.rate}, num_bins={self.num_bins}'
-
-
-class RunningThresholds(nn.Module):
-    """Exponential moving average of per-batch quantile thresholds.
-
-    ``value = momentum * value + (1 - momentum) * batch_value``; the first batch initialises it. State is
-    in buffers (``low``, ``high``, ``bin_edges``, ``initialized``), so it is in ``state_dict`` and a resume
-    continues exactly. Updates only in training mode; in eval mode the stored values are returned (the
-    batch values until the first update). The update is branch-free (``torch.where``): no host sync.
-
-    Args:
-        rate: Threshold fraction r in (0, 0.5].
-        momentum: Weight of the running value, in [0, 1).
-        num_bins: Quantile bins for graded temperatures (``num_bins - 1`` edges).
-        sync_distributed: All-gather the batch energies across ranks when ``torch.distributed`` is
-            initialised, so every rank keeps the same running thresholds (needs equal per-rank batch sizes).
-    """
-
-    def __init__(self, rate: float = 0.2, momentum: float = 0.9, num_bins: int = 10, sync_distributed: bool = True):
-        super().__init__()
-        _check_rate(rate)
-        if not (0.0 <= momentum < 1.0):
-            raise ValueError(f'momentum={momentum} is out of range; expected 0 <= momentum < 1')
-        if num_bins < 2:
-            raise ValueError(f'num_bins={num_bins}; expected at least 2')
-        self.rate = float(rate)
-        self.momentum = float(momentum)
-        self.num_bins = int(num_bins)
-        self.sync_distributed = sync_distributed
-        self.register_buffer('low', torch.zeros(()))
-        self.register_buffer('high', torch.zeros(()))
-        self.register_buffer('bin_edges', torch.zeros(num_bins - 1))
-        self.register_buffer('initialized', torch.zeros((), dtype=torch.bool))
-
-    def forward(self, energy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.sync_distributed:
-            energy = _gather_equal(energy)
-        b_low, b_high, b_edges = _batch_quantiles(energy, self.rate, self.num_bins)
-        m = self.momentum
-        init = self.initialized
-        low = torch.where(init, m * self.low + (1 - m) * b_low, b_low)
-        high = torch.where(init, m * self.high + (1 - m) * b_high, b_high)
-        edges = torch.where(init, m * self.bin_edges + (1 - m) * b_edges, b_edges)
-        if self.training:
-            with torch.no_grad():
-                self.low.copy_(low)
-                self.high.copy_(high)
-                self.bin_edges.copy_(edges)
-                self.initialized.fill_(True)
-            return low, high, edges
-        return (
-            torch.where(init, self.low, b_low),
-            torch.where(init, self.high, b_high),
-            torch.where(init, self.bin_edges, b_edges),
-        )
-
-    def extra_repr(self) -> str:
-        return f'rate={self.rate}, momentum={self.momentum}, num_bins={self.num_bins}'
+            f'(r={rate}, T_E={energy_temperature}, rule={rule}), counts {out.bin_counts}')
+    return (out, all_energies) if return_energies else out

@@ -2,59 +2,372 @@
 
 Every file the trainer writes goes through a temporary file in the same folder followed by ``os.replace``,
 so a crash (or a pre-empted job) never leaves a half-written ``args.yaml``, threshold cache or checkpoint
-behind: readers see either the old file or the new one.
+behind: readers see either the old file or the new one. New files get ``0o666 & ~umask`` (0644 with the
+usual umask 022), as timm's checkpoints do. A failed write (disk full, read-only file system, quota) raises
+``DiskWriteError``: an ``OSError`` whose message is one line naming the file and the disk problem; the temp
+file is removed and the previous version of the file stays in place.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` (no arbitrary pickles); timm training
 checkpoints store ``args`` as an ``argparse.Namespace``, which is allow-listed.
 """
 import argparse
+import errno
 import os
 import pickle
-import tempfile
+import secrets
+import stat
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Sequence, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
 import torch
+from timm.utils import CheckpointSaver
 
-__all__ = ['write_atomic', 'save_checkpoint_atomic', 'load_checkpoint_file', 'load_state_dict_file',
-           'check_writable_dir', 'check_image_files']
+__all__ = ['write_atomic', 'save_checkpoint_atomic', 'torch_save_file', 'atomic_output', 'DiskWriteError',
+           'AtomicCheckpointSaver', 'trim_summary', 'default_file_mode', 'default_dir_mode', 'apply_umask',
+           'load_checkpoint_file', 'load_state_dict_file', 'check_writable_dir', 'check_image_files',
+           'check_regular_file']
 
 PathLike = Union[str, os.PathLike]
 
 
-def write_atomic(path: PathLike, data: Union[bytes, str]) -> Path:
-    """Write ``data`` (bytes, or str as UTF-8) to ``path`` atomically: temp file in the same folder + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode('utf-8') if isinstance(data, str) else bytes(data)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
+class DiskWriteError(OSError):
+    """A file could not be written (disk full, read-only file system, quota, permissions...).
+
+    ``str(e)`` is one line that names the file and the disk problem; ``e.errno`` is the underlying errno (e.g.
+    ``errno.ENOSPC``) when it is known. The file's previous version, if any, is left in place, complete.
+    """
+
+    def __init__(self, path: PathLike, cause: BaseException, errno_: Optional[int] = None):
+        self.path = os.fspath(path)
+        self.cause = cause
+        code = errno_ if errno_ is not None else getattr(cause, 'errno', None)
+        super().__init__(code, _describe_write_failure(self.path, cause, code))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # picklable (multiprocessing, torchrun error files)
+        return (_rebuild_disk_write_error, (self.path, self.strerror, self.errno))
+
+
+def _rebuild_disk_write_error(path, message, code):
+    e = DiskWriteError.__new__(DiskWriteError)
+    OSError.__init__(e, code, message)
+    e.path, e.cause = path, None
+    return e
+
+
+_ERRNO_HINTS = {
+    errno.ENOSPC: 'no space left on the device (disk full); free space there, or write elsewhere',
+    errno.EDQUOT: 'disk quota exceeded; free space in your quota, or write elsewhere',
+    errno.EROFS: 'the file system is read-only; write elsewhere',
+    errno.EACCES: 'permission denied; make the folder writable, or write elsewhere',
+    errno.EPERM: 'operation not permitted; make the folder writable, or write elsewhere',
+    errno.EFBIG: 'file too large for this file system',
+    errno.EIO: 'I/O error on the device (failing disk or lost network mount)',
+}
+
+
+def _free_bytes(folder: str) -> Optional[int]:
     try:
-        with os.fdopen(fd, 'wb') as f:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _describe_write_failure(path: str, cause: BaseException, code: Optional[int]) -> str:
+    folder = os.path.dirname(os.path.abspath(path)) or '.'
+    if code is None and isinstance(cause, RuntimeError):
+        # torch's zip writer reports a short write as "unexpected pos N vs M", losing the errno: look at the disk
+        free = _free_bytes(folder)
+        if free is not None and free < (1 << 20):
+            code = errno.ENOSPC
+        elif not os.access(folder, os.W_OK):
+            code = errno.EACCES
+    if code in _ERRNO_HINTS:
+        problem = _ERRNO_HINTS[code]
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            free = _free_bytes(folder)
+            if free is not None:
+                problem += f' ({free / 2**20:.1f} MiB free in {folder})'
+        return f'cannot write {path}: {problem} [{errno.errorcode.get(code, code)}]'
+    return f'cannot write {path}: {_one_line(cause)}'
+
+
+def _read_umask() -> int:
+    try:  # Linux >= 4.7: read without changing it (os.umask(x) would briefly change it for every thread)
+        with open('/proc/self/status', encoding='ascii') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """Mode a new file gets from ``open()``/``torch.save`` (and timm): ``0o666 & ~umask`` (0644 with umask 022)."""
+    return 0o666 & ~_read_umask()
+
+
+def default_dir_mode() -> int:
+    """Mode a new folder gets from ``os.makedirs``: ``0o777 & ~umask`` (0755 with umask 022)."""
+    return 0o777 & ~_read_umask()
+
+
+def apply_umask(path: PathLike) -> None:
+    """Give ``path`` the mode an ordinary new file (or folder) would have had: for files written by tools that
+    create them 0600 (``tempfile.mkstemp``, ``mkdtemp``, safetensors' ``save_file``)."""
+    os.chmod(path, default_dir_mode() if os.path.isdir(path) else default_file_mode())
+
+
+def _temp_name(path: Path) -> Path:
+    return path.parent / f'.{path.name}.{secrets.token_hex(4)}.tmp'
+
+
+@contextmanager
+def atomic_output(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (``.NAME.XXXXXXXX.tmp``, not yet existing); when the block
+    succeeds it is moved onto ``path`` with one ``os.replace``. On any failure the temporary file is removed and
+    ``path`` keeps its previous version; an ``OSError`` (disk full, read-only, ...) becomes a one-line
+    ``DiskWriteError`` naming ``path``. The new file gets ``0o666 & ~umask`` like any new file.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiskWriteError(path, e) from None
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        if os.path.exists(tmp):
+            os.chmod(tmp, default_file_mode())  # writers such as safetensors create 0600 files
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, DiskWriteError):
+            raise
+        if isinstance(e, OSError):
+            raise DiskWriteError(path, e) from None
+        raise
+
+
+class _RecordingFile:
+    """File wrapper for ``torch.save``: torch turns a failed ``write`` into ``RuntimeError('unexpected pos
+    ...')``; this keeps the real ``OSError`` (ENOSPC, EROFS...) so the message can name the disk problem."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, b):
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        try:
+            return self._f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _open_new(tmp: Path):
+    # O_EXCL: never follow a planted link or reuse a file; mode 0o666 is reduced by the umask, as for open()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_CLOEXEC', 0), 0o666)
+    return os.fdopen(fd, 'wb')
+
+
+def write_atomic(path: PathLike, data: Union[bytes, str]) -> Path:
+    """Write ``data`` (bytes, or str as UTF-8) to ``path`` atomically: temp file in the same folder + ``os.replace``.
+
+    The file gets ``0o666 & ~umask`` (as timm's and Python's writes); a failed write (disk full, read-only)
+    raises a one-line ``DiskWriteError`` and leaves the previous ``path`` untouched and no temp file behind.
+    """
+    path = Path(path)
+    payload = data.encode('utf-8') if isinstance(data, str) else bytes(data)
+    with atomic_output(path) as tmp:
+        with _open_new(tmp) as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
+
+
+def torch_save_file(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj, path)`` into a new file (0o666 & ~umask), fsynced; a write failure raises a one-line
+    ``DiskWriteError`` naming the disk problem instead of torch's ``unexpected pos``. Not atomic by itself
+    (see ``save_checkpoint_atomic``); a partial file is removed."""
+    path = Path(path)
+    try:
+        f = _open_new(path)  # O_EXCL: an existing file is never truncated or removed here
+    except OSError as e:
+        raise DiskWriteError(path, e) from None
+    rec = _RecordingFile(f)
+    try:
+        with f:
+            torch.save(obj, rec)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        try:
+            os.unlink(path)  # the partial file this call created
+        except OSError:
+            pass
+        if isinstance(e, (OSError, RuntimeError)):
+            cause = rec.error if rec.error is not None else e
+            if isinstance(cause, OSError) or _looks_like_short_write(cause):
+                raise DiskWriteError(path, cause) from None
+        raise
+
+
+def _looks_like_short_write(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and ('unexpected pos' in str(e) or 'inline_container' in str(e))
 
 
 def save_checkpoint_atomic(state: Dict[str, Any], path: PathLike) -> Path:
-    """``torch.save(state, path)`` through a temp file in the same folder and ``os.replace``."""
+    """``torch.save(state, path)`` through a temp file in the same folder and ``os.replace`` (file mode
+    ``0o666 & ~umask``); disk full or read-only is a one-line ``DiskWriteError`` and the old ``path`` stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        try:
+            torch_save_file(state, tmp)
+        except DiskWriteError as e:  # name the destination, not the temp file
+            raise DiskWriteError(path, e.cause if e.cause is not None else e, e.errno) from None
     return path
+
+
+def trim_summary(path: PathLike, start_epoch: int) -> int:
+    """Before a resumed run appends to ``summary.csv`` (timm's ``update_summary``): keep the header and the rows
+    of epochs before ``start_epoch``, drop later rows and a partial last line, atomically. Rows past the resumed
+    checkpoint exist when a run stopped between its summary row and its checkpoint (disk full, kill), and would
+    repeat (epochs 0, 1, 1, 2). Returns the number of rows dropped; a missing file is left missing."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    text = path.read_text(encoding='utf-8', errors='replace')
+    lines = text.split('\n')
+    complete = lines[:-1]  # a last line without its newline is partial (killed mid-write)
+    if not complete:
+        return 0
+    keep = [complete[0]]
+    dropped = int(lines[-1].strip() != '')
+    for line in complete[1:]:
+        head = line.split(',', 1)[0].strip()
+        try:
+            epoch = int(float(head))
+        except ValueError:
+            dropped += 1
+            continue
+        if epoch < start_epoch:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_atomic(path, '\n'.join(keep) + '\n')
+    return dropped
+
+
+class _TorchSaveProxy:
+    """Stands in for the ``torch`` module inside timm's ``CheckpointSaver._save`` so that its ``torch.save``
+    goes through ``save_checkpoint_atomic``; everything else is the real torch."""
+
+    def __init__(self, real, final_path: Optional[str] = None):
+        self._real = real
+        self._final = final_path
+
+    def save(self, obj, f, *args, **kwargs):
+        if args or kwargs or not isinstance(f, (str, os.PathLike)):
+            return self._real.save(obj, f, *args, **kwargs)
+        try:
+            save_checkpoint_atomic(obj, f)
+        except DiskWriteError as e:
+            if not self._final:
+                raise
+            # timm writes ``last`` via ``tmp.pth.tar``: name the checkpoint the user knows
+            raise DiskWriteError(self._final, e.cause if e.cause is not None else e, e.errno) from None
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """timm's ``CheckpointSaver`` with every file appearing through a temp name and one ``os.replace``.
+
+    timm writes ``last`` via ``tmp.pth.tar`` but unlinks the old ``last`` before the rename, and the copy to
+    ``model_best`` / ``checkpoint-N`` unlinks then links (or copies) in place. Here a kill at any moment leaves
+    each checkpoint either the previous complete version or the new complete one, new files get
+    ``0o666 & ~umask`` (as in timm), and a failed write (disk full, read-only) raises a one-line
+    ``DiskWriteError`` naming the file and the disk problem, with no partial file left behind.
+    """
+
+    def _save(self, save_path, epoch, metric=None):
+        import timm.utils.checkpoint_saver as cs
+        real = cs.torch
+        final = None
+        if os.path.basename(save_path) == 'tmp' + self.extension:
+            final = os.path.join(os.path.dirname(save_path), 'last' + self.extension)
+        cs.torch = _TorchSaveProxy(real, final)
+        try:
+            super()._save(save_path, epoch, metric)
+        finally:
+            cs.torch = real
+
+    def _replace(self, src, dst):
+        if os.name == 'nt':
+            return super()._replace(src, dst)
+        try:  # os.replace alone is atomic on POSIX (a hard-linked checkpoint-N keeps its own inode)
+            os.replace(src, dst)
+        except OSError as e:
+            raise DiskWriteError(dst, e) from None
+
+    def _duplicate(self, src, dst):
+        with atomic_output(dst) as tmp:
+            try:
+                os.link(src, tmp)
+            except (OSError, NotImplementedError):
+                import shutil
+                shutil.copy2(src, tmp)
+
+
+def check_regular_file(path: PathLike, flag: str = '--data-dir') -> None:
+    """Refuse a path that is not a regular file (a FIFO would block the reader forever, a device or socket is
+    never an image, a broken link points nowhere): one-line ValueError naming it. One ``stat``, no open."""
+    p = os.fspath(path)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        kind = 'a broken symlink' if os.path.islink(p) else 'missing'
+        raise ValueError(f'{flag}: {p} is {kind}, not an image file; remove it') from None
+    except OSError as e:
+        raise ValueError(f'{flag}: cannot read {p} ({_one_line(e)}); fix or remove it') from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f'{flag}: {p} is {_file_kind(mode)}, not a regular image file; remove it')
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return 'a folder'
+    if stat.S_ISFIFO(mode):
+        return 'a FIFO (named pipe)'
+    if stat.S_ISSOCK(mode):
+        return 'a socket'
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return 'a device'
+    return 'not a regular file'
 
 
 def load_checkpoint_file(path: PathLike, flag: str = 'checkpoint', map_location='cpu') -> Any:
@@ -127,9 +440,11 @@ def check_writable_dir(path: PathLike, flag: str = '--output') -> None:
 
 def check_image_files(paths: Sequence[PathLike], flag: str = '--data-dir') -> None:
     """Open every image's header with Pillow (no pixel decode, ~10-50 us a file) and raise ValueError naming
-    the first file that is not a readable image."""
+    the first file that is not a readable image. Non-regular files (FIFO, device, socket, broken link) are
+    refused by name before they are opened, so a FIFO named ``x.png`` cannot hang the check."""
     from PIL import Image
     for p in paths:
+        check_regular_file(p, flag)  # before open(): opening a FIFO blocks until a writer appears
         try:
             with Image.open(p) as img:
                 img.size  # noqa: B018  (header parsed)

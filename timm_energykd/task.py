@@ -9,18 +9,21 @@
     -> per-sample temperatures (policy) -> distillation loss (registry)
     [+ HE-DA: CutMix/MixUp of the high-energy samples, distilled as an extra term]
 """
+import inspect
 import logging
 from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from timm.task import DistillationTeacher, TrainingTask
+from timm.task import DistillationTeacher, LogitDistillationTask
 from timm.utils import unwrap_model
 
-from .energy import BatchQuantileThresholds, EnergyThresholds, RunningThresholds, energy_score
+from .energy import EnergyThresholds, energy_score
+from .thresholds import BatchQuantileThresholds, RunningThresholds
 from .losses import create_distill_loss
 from .mixing import HighEnergyMix, mix_targets
+from .teacher import as_distillation_teacher
 from .temperature import TwoBinTemperature
 
 __all__ = ['EnergyDistillationTask']
@@ -30,34 +33,16 @@ _logger = logging.getLogger(__name__)
 _THRESHOLD_MODES = ('dataset', 'batch', 'running')
 
 
-def _build_teacher(
-        teacher: Union[str, nn.Module, DistillationTeacher],
-        student: nn.Module,
-        pretrained_path: Optional[str],
-        device: Optional[torch.device],
-        dtype: Optional[torch.dtype],
-) -> DistillationTeacher:
-    """A name is built like timm does (student's num_classes / in_chans); a module is wrapped as is."""
-    if isinstance(teacher, DistillationTeacher):
-        return teacher
-    if isinstance(teacher, str):
-        s = unwrap_model(student)
-        return DistillationTeacher(
-            teacher,
-            num_classes=getattr(s, 'num_classes', None),
-            in_chans=getattr(s, 'in_chans', 3),
-            pretrained_path=pretrained_path,
-            device=device,
-            dtype=dtype,
-        )
-    if isinstance(teacher, nn.Module):
-        return DistillationTeacher(teacher, device=device, dtype=dtype)
-    raise TypeError(f'teacher_model must be a model name, an nn.Module or a DistillationTeacher, '
-                    f'got {type(teacher).__name__}')
+# keyword arguments of timm's LogitDistillationTask that only some timm versions have (1.0.31+)
+_TIMM_TASK_ARGS = set(inspect.signature(LogitDistillationTask.__init__).parameters)
 
 
-class EnergyDistillationTask(TrainingTask):
+class EnergyDistillationTask(LogitDistillationTask):
     """Energy-based knowledge distillation (Kim et al.) with a registry of logit losses.
+
+    Built on timm's ``LogitDistillationTask``: teacher building, the student's normalisation buffers, the
+    weighting rules, ``train()``, ``prepare_distributed`` and ``compile`` are timm's; this class adds the
+    energy, thresholds, temperature policy, loss registry and HE-DA, and replaces ``forward``.
 
     Loss: ``task_loss_weight * criterion(student, target) + distill_loss_weight * KD
     + he_da_weight * HE-DA``, with timm's ``LogitDistillationTask`` weighting semantics: only
@@ -83,10 +68,11 @@ class EnergyDistillationTask(TrainingTask):
 
     Args:
         student_model: Student model to train.
-        teacher_model: Teacher as a timm model name (built with the student's num_classes / in_chans,
-            like timm), an ``nn.Module`` (wrapped in ``DistillationTeacher``), or a ``DistillationTeacher``.
+        teacher_model: Teacher as a timm model name (built by timm with the student's num_classes / in_chans;
+            a pretrained head with another class count is refused instead of silently replaced), an
+            ``nn.Module`` (wrapped in ``DistillationTeacher`` with its own head), or a ``DistillationTeacher``.
             The teacher is frozen and kept in eval mode.
-        criterion: Task loss (default ``nn.CrossEntropyLoss()``; use ``SoftTargetCrossEntropy`` with mixup).
+        criterion: Task loss (timm's default, cross-entropy, when None; use ``SoftTargetCrossEntropy`` with mixup).
         teacher_pretrained_path: Weights file for a teacher given by name.
         distill_loss: Registered loss name (``'energy_kd'``, ``'kd'``, ``'dkd'``, ``'energy_dkd'``, ...) or
             an ``nn.Module`` with the registry's ``forward(student, teacher, target, temperature)``.
@@ -109,6 +95,8 @@ class EnergyDistillationTask(TrainingTask):
         verbose: Log the configuration.
         he_da_temperature: Fixed temperature for the HE-DA term (the authors' code used 4.0); None: the
             same rule as the main term (policy temperatures for energy losses, ``temperature`` otherwise).
+        **timm_kwargs: Passed to timm's ``LogitDistillationTask`` (e.g. ``criterion_kwargs``,
+            ``teacher_pretrained_cfg_overlay`` with timm >= 1.0.31); one this timm lacks raises ``ValueError``.
     """
 
     def __init__(
@@ -134,8 +122,8 @@ class EnergyDistillationTask(TrainingTask):
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
             he_da_temperature: Optional[float] = None,
+            **timm_kwargs,
     ):
-        super().__init__(device=device, dtype=dtype, verbose=verbose)
         # validate cheap arguments before building the teacher
         if threshold_mode not in _THRESHOLD_MODES:
             raise ValueError(f"threshold_mode='{threshold_mode}' is not supported; expected one of: "
@@ -155,14 +143,30 @@ class EnergyDistillationTask(TrainingTask):
         elif not isinstance(distill_loss, nn.Module):
             raise ValueError(
                 f'distill_loss must be a registered name or an nn.Module, got {type(distill_loss).__name__}')
+        if not callable(getattr(distill_loss, 'per_sample', None)):
+            raise ValueError(
+                f'distill_loss {type(distill_loss).__name__} has no per_sample(student_logits, teacher_logits, '
+                f'target, temperature, valid=None) -> [B]; every loss needs it (see timm_energykd.losses.DistillLoss)')
 
-        teacher = _build_teacher(teacher_model, student_model, teacher_pretrained_path, self.device, self.dtype)
-        for p in teacher.parameters():
+        unknown = sorted(set(timm_kwargs) - _TIMM_TASK_ARGS)
+        if unknown:
+            import timm
+            raise ValueError(f"{', '.join(unknown)}: not an argument of timm {timm.__version__}'s LogitDistillationTask")
+        cfg = getattr(unwrap_model(student_model), 'pretrained_cfg', None) or {}
+        if 'mean' not in cfg or 'std' not in cfg:
+            raise ValueError('the student needs pretrained_cfg with mean and std (every timm model has them): '
+                             "the teacher's input is re-normalised from the student's normalisation, as in timm")
+        # a module teacher is wrapped here with the defaults timm's TrainingTask resolves (cpu, default dtype)
+        teacher = as_distillation_teacher(teacher_model, student_model, teacher_pretrained_path,
+                              device if device is not None else torch.device('cpu'),
+                              dtype if dtype is not None else torch.get_default_dtype())
+        super().__init__(
+            student_model, teacher, criterion=criterion, teacher_pretrained_path=teacher_pretrained_path,
+            distill_loss_weight=distill_loss_weight, task_loss_weight=task_loss_weight, temperature=temperature,
+            device=device, dtype=dtype, verbose=verbose, **timm_kwargs)
+        for p in self.teacher.parameters():
             p.requires_grad = False
 
-        self.trainable_module = student_model
-        self.teacher = teacher
-        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.distill_loss = distill_loss
         self.uses_energy_temperature = bool(getattr(distill_loss, 'uses_energy_temperature', False))
         self.temperature = float(temperature)
@@ -189,17 +193,6 @@ class EnergyDistillationTask(TrainingTask):
         # statistics-only fallback for 'dataset' runs of losses that do not need thresholds
         self._stats_estimator = BatchQuantileThresholds(energy_rate, self.num_bins)
 
-        # student normalisation as in timm's LogitDistillationTask; without a pretrained_cfg the student is
-        # assumed to see the teacher's normalisation (no re-normalisation)
-        cfg = getattr(unwrap_model(student_model), 'pretrained_cfg', None) or {}
-        if 'mean' in cfg and 'std' in cfg:
-            mean = torch.tensor(cfg['mean'], device=self.device, dtype=self.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(cfg['std'], device=self.device, dtype=self.dtype).view(1, -1, 1, 1)
-        else:
-            mean = std = None
-        self.register_buffer('student_mean', mean, persistent=False)
-        self.register_buffer('student_std', std, persistent=False)
-
         # dataset thresholds live in buffers so they follow .to(device); the dataclass goes in the task state
         self.thresholds: Optional[EnergyThresholds] = None
         self.he_da_thresholds: Optional[EnergyThresholds] = None
@@ -209,17 +202,6 @@ class EnergyDistillationTask(TrainingTask):
         self.register_buffer('he_da_high', torch.zeros((), device=self.device), persistent=False)
         if thresholds is not None:
             self.set_thresholds(thresholds)
-
-        # weighting, decided once (timm's LogitDistillationTask semantics)
-        if distill_loss_weight is not None:
-            self.distill_loss_weight = distill_loss_weight
-            self.task_loss_weight = task_loss_weight if task_loss_weight is not None else 1.0
-        elif task_loss_weight is not None:
-            self.task_loss_weight = task_loss_weight
-            self.distill_loss_weight = 1.0 - task_loss_weight
-        else:
-            self.distill_loss_weight = 1.0
-            self.task_loss_weight = 1.0
 
         if self.verbose:
             loss_name = getattr(distill_loss, 'loss_name', '') or type(distill_loss).__name__
@@ -250,6 +232,11 @@ class EnergyDistillationTask(TrainingTask):
             raise ValueError(
                 f'thresholds have {len(thresholds.bin_edges)} bin edges; the temperature policy has '
                 f'num_bins={self.num_bins} and needs {self.num_bins - 1} (recalibrate with num_bins={self.num_bins})')
+        policy_rule = getattr(self.temperature_policy, 'rule', None)
+        if policy_rule is not None and policy_rule != thresholds.rule:
+            raise ValueError(
+                f"thresholds were computed with rule='{thresholds.rule}' but the temperature policy compares with "
+                f"rule='{policy_rule}'; use the same rule for both (paper: E <= low; authors: E < low)")
         dev = self.thr_low.device
         self.thr_low = torch.tensor(thresholds.low, dtype=torch.float32, device=dev)
         self.thr_high = torch.tensor(thresholds.high, dtype=torch.float32, device=dev)
@@ -310,25 +297,11 @@ class EnergyDistillationTask(TrainingTask):
     # ---- timm task hooks ------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> 'EnergyDistillationTask':
-        """Set training mode while keeping the teacher in eval mode (timm 1.0.29 does not do this)."""
+        """Training mode with the teacher kept in eval mode: timm 1.0.31's ``train()`` does it, 1.0.29 has no
+        override, so it is repeated here. ``prepare_distributed`` and ``compile`` are timm's."""
         super().train(mode)
         self.teacher.eval()
         return self
-
-    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'EnergyDistillationTask':
-        """Wrap only the student in DistributedDataParallel; the teacher stays frozen and unwrapped."""
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        for p in self.teacher.parameters():
-            p.requires_grad = False
-        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
-        return self
-
-    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Compile the student (train and eval share it) and the teacher's logit forward, before DDP."""
-        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
-        self.eval_model = self.trainable_module
-        self.teacher.compile(backend=backend, mode=mode, compile_model=True, compile_features=False, **compile_kwargs)
-        return self.trainable_module
 
     # ---- forward ----------------------------------------------------------------------------------------
 
@@ -352,6 +325,11 @@ class EnergyDistillationTask(TrainingTask):
             return low, high, edges, high
         return self.thr_low, self.thr_high, self.thr_edges, self.he_da_high
 
+    def _in_low(self, energy: torch.Tensor, low) -> torch.Tensor:
+        """Low-energy group: ``E <= low`` (paper) or ``E < low`` (the authors' rule, from the policy or thresholds)."""
+        rule = getattr(self.temperature_policy, 'rule', None) or getattr(self.thresholds, 'rule', 'paper')
+        return energy < low if rule == 'authors' else energy <= low
+
     def _energy(self, teacher_logits: torch.Tensor):
         """(valid [B] bool, energy [B] float32); rows with non-finite logits get the energy of zero logits."""
         valid = torch.isfinite(teacher_logits).all(dim=-1)
@@ -361,12 +339,9 @@ class EnergyDistillationTask(TrainingTask):
     def _distill(self, student_logits, teacher_logits, valid, target, temperature) -> torch.Tensor:
         """Distillation loss with non-finite teacher rows masked out (mean over the valid rows)."""
         # replacing bad rows BEFORE the loss keeps NaN/Inf out of the graph (torch.where alone would still
-        # back-propagate 0 * NaN)
+        # back-propagate 0 * NaN); losses with batch terms leave the masked rows out of them (``valid``)
         t_safe = torch.where(valid.unsqueeze(1), teacher_logits.float(), student_logits.detach().float())
-        per_sample = getattr(self.distill_loss, 'per_sample', None)
-        if per_sample is None:
-            return self.distill_loss(student_logits, t_safe, target, temperature)
-        loss = per_sample(student_logits, t_safe, target, temperature)
+        loss = self.distill_loss.per_sample(student_logits, t_safe, target, temperature, valid=valid)
         loss = torch.where(valid, loss, torch.zeros_like(loss))
         return loss.sum() / valid.sum().clamp(min=1)
 
@@ -428,7 +403,7 @@ class EnergyDistillationTask(TrainingTask):
             n_valid = vf.sum().clamp(min=1)
             out.update(
                 energy_mean=(energy * vf).sum() / n_valid,
-                frac_low=((energy <= low).float() * vf).sum() / n_valid,
+                frac_low=(self._in_low(energy, low).float() * vf).sum() / n_valid,
                 frac_high=((energy > high).float() * vf).sum() / n_valid,
                 temp_mean=(temps * vf).sum() / n_valid,
                 teacher_nonfinite=nonfinite,

@@ -6,17 +6,24 @@ Here the teacher's class count comes from its weights, and a mismatch with the s
 
     teacher = build_teacher('resnet50', num_classes=1000, pretrained=True)
     teacher = build_teacher('cifar_resnet32x4', num_classes=100, checkpoint='output/train/t/model_best.pth.tar')
+
+Teacher-side transforms live here too: ``BlendedTeacher`` (R2KD's ``0.7 * teacher + 0.3 * pruned teacher``
+logits) wraps a teacher, so energies, thresholds and every loss see the same blended logits.
 """
+import copy
 import logging
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import prune
 import timm
+from timm.task import DistillationTeacher
+from timm.utils import unwrap_model
 
 from .files import load_state_dict_file
 
-__all__ = ['build_teacher', 'classifier_weight_key', 'checkpoint_num_classes']
+__all__ = ['build_teacher', 'check_pretrained_head', 'as_distillation_teacher', 'classifier_weight_key', 'checkpoint_num_classes', 'make_pruned_teacher', 'BlendedTeacher']
 
 _logger = logging.getLogger(__name__)
 
@@ -53,6 +60,52 @@ def has_pretrained_weights(name: str) -> bool:
     except Exception:
         return False
     return bool(cfg is not None and (cfg.hf_hub_id or cfg.url or cfg.file))
+
+
+def check_pretrained_head(name: str, num_classes: Optional[int], pretrained_path: Optional[str] = None) -> None:
+    """Refuse a teacher name whose timm pretrained head predicts another class count than the student.
+
+    timm's ``DistillationTeacher`` builds a named teacher with the student's ``num_classes`` and, when timm's
+    pretrained weights have another class count, drops their classifier: the teacher silently gets a random
+    head. With ``pretrained_path`` timm loads that file strictly at the student's class count (a mismatch
+    fails there), so only timm's own pretrained source is checked here.
+    """
+    if pretrained_path or num_classes is None:
+        return
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        cfg = None
+    got = getattr(cfg, 'num_classes', None) if cfg is not None else None
+    if got is not None and int(got) != int(num_classes):
+        raise ValueError(
+            f"teacher '{name}': timm's pretrained weights predict {got} classes but the student has {num_classes}; "
+            f'timm would replace the head by a random one. Pass a trained teacher module (build_teacher) or '
+            f'teacher_pretrained_path with weights for {num_classes} classes')
+
+
+def as_distillation_teacher(
+        teacher: Union[str, nn.Module, DistillationTeacher],
+        student: nn.Module,
+        pretrained_path: Optional[str],
+        device: Optional[torch.device],
+        dtype: Optional[torch.dtype],
+) -> Union[str, DistillationTeacher]:
+    """The teacher for timm's ``LogitDistillationTask`` (what ``EnergyDistillationTask`` passes it).
+
+    A name is left to timm's builder (the student's class count, weights from ``pretrained_path`` or timm's
+    pretrained source), after refusing a pretrained head with another class count, which timm would silently
+    replace by a random one. A module is wrapped in timm's ``DistillationTeacher`` as it is (its own head).
+    """
+    if isinstance(teacher, DistillationTeacher):
+        return teacher
+    if isinstance(teacher, str):
+        check_pretrained_head(teacher, getattr(unwrap_model(student), 'num_classes', None), pretrained_path)
+        return teacher
+    if isinstance(teacher, nn.Module):
+        return DistillationTeacher(teacher, device=device, dtype=dtype)
+    raise TypeError(f'teacher_model must be a model name, an nn.Module or a DistillationTeacher, '
+                    f'got {type(teacher).__name__}')
 
 
 def resolve_teacher_pretrained(name: str, pretrained: Optional[bool], checkpoint: Optional[str]) -> bool:
@@ -148,3 +201,67 @@ def build_teacher(
     for p in model.parameters():
         p.requires_grad = False
     return model
+
+
+def make_pruned_teacher(teacher: nn.Module, amount: float = 0.1) -> nn.Module:
+    """A frozen copy of ``teacher`` with ``amount`` of each conv / linear weight zeroed by L1 magnitude.
+
+    Deep-copies the teacher, applies ``torch.nn.utils.prune.l1_unstructured`` to the ``weight`` of every
+    ``nn.Conv1d/2d/3d`` (and transposed) and ``nn.Linear`` module (timm's subclasses included), then
+    ``prune.remove`` so the zeros are baked into plain parameters. The original teacher is not touched.
+    """
+    if not 0 <= amount < 1:
+        raise ValueError(f'make_pruned_teacher: amount must be in [0, 1), got {amount}')
+    pruned = copy.deepcopy(teacher)
+    for module in pruned.modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(
+                getattr(module, 'weight', None), nn.Parameter):
+            prune.l1_unstructured(module, name='weight', amount=amount)
+            prune.remove(module, 'weight')
+    pruned.requires_grad_(False)
+    return pruned
+
+
+class BlendedTeacher(nn.Module):
+    """Teacher whose logits are ``teacher_weight * teacher(x) + (1 - teacher_weight) * pruned(x)`` (R2KD).
+
+    Give it to the distillation task in place of the teacher. ``pretrained_cfg`` and ``num_classes`` are
+    copied from the teacher so normalisation and class-count checks see the same values. Both inner
+    models stay in eval mode whatever ``.train()`` is called with.
+
+    Args:
+        teacher: the trained teacher.
+        pruned_teacher: its pruned copy; None builds one with ``make_pruned_teacher(teacher, prune_amount)``.
+        teacher_weight: weight of the unpruned teacher (0.7 published).
+        prune_amount: fraction of each conv / linear weight pruned when ``pruned_teacher`` is None (0.1).
+    """
+
+    def __init__(
+            self,
+            teacher: nn.Module,
+            pruned_teacher: Optional[nn.Module] = None,
+            teacher_weight: float = 0.7,
+            prune_amount: float = 0.1,
+    ):
+        super().__init__()
+        if not 0 <= teacher_weight <= 1:
+            raise ValueError(f'BlendedTeacher: teacher_weight must be in [0, 1], got {teacher_weight}')
+        self.teacher = teacher
+        self.pruned_teacher = pruned_teacher if pruned_teacher is not None else make_pruned_teacher(
+            teacher, prune_amount)
+        self.teacher_weight = teacher_weight
+        for name in ('pretrained_cfg', 'num_classes'):
+            if hasattr(teacher, name):
+                setattr(self, name, getattr(teacher, name))
+
+    def train(self, mode: bool = True) -> 'BlendedTeacher':
+        # a teacher never trains: keep BatchNorm statistics frozen even when the task calls .train()
+        # (timm 1.0.29's LogitDistillationTask does not keep its teacher in eval itself)
+        self.training = mode
+        self.teacher.eval()
+        self.pruned_teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.teacher_weight
+        return w * self.teacher(x) + (1.0 - w) * self.pruned_teacher(x)

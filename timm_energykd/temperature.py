@@ -57,6 +57,8 @@ class TwoBinTemperature(nn.Module):
 
     With ``direction='paper'``: ``E <= low`` -> ``base + delta_low``, ``E > high`` -> ``base + delta_high``,
     otherwise ``base`` (4 / 6 / 2 with the defaults). ``direction='reverse'`` swaps the two group values.
+    ``rule='authors'`` makes the low group strict, ``E < low``, as the authors' code (with their thresholds,
+    ``EnergyThresholds.from_energies(..., rule='authors')``); their temperatures are ``direction='reverse'``.
 
     Args:
         base: Temperature of the middle group (the KD temperature T).
@@ -65,6 +67,7 @@ class TwoBinTemperature(nn.Module):
         direction: ``'paper'`` or ``'reverse'``.
         low_temperature: Explicit temperature for the low-energy group, overriding ``base + delta_low``.
         high_temperature: Explicit temperature for the high-energy group, overriding ``base + delta_high``.
+        rule: ``'paper'`` (``E <= low``) or ``'authors'`` (``E < low``).
     """
 
     def __init__(
@@ -75,9 +78,13 @@ class TwoBinTemperature(nn.Module):
             direction: str = 'paper',
             low_temperature: Optional[float] = None,
             high_temperature: Optional[float] = None,
+            rule: str = 'paper',
     ):
         super().__init__()
         _check_direction(direction)
+        if rule not in ('paper', 'authors'):
+            raise ValueError(f"rule='{rule}'; expected 'paper' (E <= low) or 'authors' (E < low)")
+        self.rule = rule
         if base <= 0:
             raise ValueError(f'base={base}; the temperature must be > 0')
         t_low = float(low_temperature) if low_temperature is not None else base + delta_low
@@ -107,13 +114,15 @@ class TwoBinTemperature(nn.Module):
     ) -> torch.Tensor:
         energy = energy.detach().float()
         t = torch.full_like(energy, self.base)
-        t = torch.where(energy <= _as_tensor(low, energy), torch.full_like(t, self.low_group_temperature), t)
+        low = _as_tensor(low, energy)
+        in_low = energy < low if self.rule == 'authors' else energy <= low
+        t = torch.where(in_low, torch.full_like(t, self.low_group_temperature), t)
         t = torch.where(energy > _as_tensor(high, energy), torch.full_like(t, self.high_group_temperature), t)
         return t
 
     def extra_repr(self) -> str:
         return (f'base={self.base}, low_group={self.low_group_temperature}, '
-                f'high_group={self.high_group_temperature}, direction={self.direction}')
+                f'high_group={self.high_group_temperature}, direction={self.direction}, rule={self.rule}')
 
 
 @register_temperature_policy('gradation')

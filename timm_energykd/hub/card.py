@@ -46,6 +46,7 @@ CARD_KEYS = {
         ('temp_min', 'Minimum temperature'),
         ('temp_max', 'Maximum temperature'),
         ('calibration', 'Threshold calibration'),
+        ('energykd_rules', "Rules (paper's text / authors' code)"),
     ],
     'High-energy data augmentation (HE-DA)': [
         ('he_da', 'HE-DA'),

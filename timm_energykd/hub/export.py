@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
+from ..files import apply_umask
 from .card import build_model_card
 from .record import RunRecord
 
@@ -174,7 +175,8 @@ def export_for_hub(
         stray = find_pickles(tmp)
         if stray:  # a timm version that ignored safe_serialization would land here
             raise RuntimeError(f'export_for_hub: refusing to publish pickle files {stray}')
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
+        for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700 folders, safetensors 0600 files: as any new file
+            apply_umask(path)
         if output_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f'.{output_dir.name}.old-', dir=output_dir.parent))
             os.replace(output_dir, old / 'x')

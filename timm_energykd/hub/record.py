@@ -22,7 +22,7 @@ RESULT_SETTINGS = (
     'distill_loss', 'kd_temperature', 'task_loss_weight', 'distill_loss_weight', 'distill_loss_kwargs',
     'dkd_alpha', 'dkd_beta', 'dkd_warmup',
     'energy_temperature', 'energy_rate', 'temp_direction', 'temp_policy', 'temp_delta_low', 'temp_delta_high',
-    'temp_low', 'temp_high', 'gradation_bins', 'temp_min', 'temp_max', 'calibration',
+    'temp_low', 'temp_high', 'gradation_bins', 'temp_min', 'temp_max', 'calibration', 'energykd_rules',
     'he_da', 'he_da_rate', 'he_da_selection', 'he_da_alpha', 'he_da_weight',
     'dataset', 'imbalance_factor', 'imbalance_seed', 'epochs', 'batch_size', 'lr', 'opt', 'sched',
     'weight_decay', 'model_ema', 'seed', 'exported_weights',
@@ -232,7 +232,7 @@ class RunRecord:
         if not energy_loss:
             unused |= set(_TWO_BIN_KEYS + _GRADATION_KEYS + ('temp_direction', 'temp_policy'))
             if he_da in (None, 'disabled'):
-                unused |= {'energy_temperature', 'energy_rate', 'calibration'}
+                unused |= {'energy_temperature', 'energy_rate', 'calibration', 'energykd_rules'}
         elif settings.get('temp_policy', 'two_bin') == 'gradation':
             unused |= set(_TWO_BIN_KEYS)
         else:

@@ -7,14 +7,16 @@ seven inverted-residual stages (t, c, n, s) = (1,16,1,1), (6,24,2,1), (6,32,3,2)
 unlike the ImageNet MobileNetV2 every block, even with t = 1, has the 1x1 expansion conv.
 The total stride is 16, so a 32x32 image ends at 2x2.
 """
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # timm exports it from _features only
 
-from ._common import ClassifierMixin, cifar_cfg, init_weights, rename_keys, run_stage
+from ._common import cifar_cfg, init_weights, rename_keys
+from ._head import ClassifierMixin
 
 __all__ = ['CifarMobileNetV2', 'InvertedResidual']
 
@@ -38,20 +40,22 @@ class InvertedResidual(nn.Module):
         out_chs: Output channels.
         stride: Depthwise conv stride.
         expansion: Expansion ratio of the hidden width (``in_chs * expansion``).
+        device, dtype: Where and in which dtype the parameters are created.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int, expansion: int):
+    def __init__(self, in_chs: int, out_chs: int, stride: int, expansion: int, device=None, dtype=None):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         mid = in_chs * expansion
         self.has_skip = stride == 1 and in_chs == out_chs
-        self.conv_pw = nn.Conv2d(in_chs, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv_pw = nn.Conv2d(in_chs, mid, 1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(mid, **dd)
         self.act1 = nn.ReLU(inplace=True)
-        self.conv_dw = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=mid, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv_dw = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=mid, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(mid, **dd)
         self.act2 = nn.ReLU(inplace=True)
-        self.conv_pwl = nn.Conv2d(mid, out_chs, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.conv_pwl = nn.Conv2d(mid, out_chs, 1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv_pw(x)))
@@ -70,6 +74,7 @@ class CifarMobileNetV2(ClassifierMixin, nn.Module):
         in_chans: Input image channels.
         global_pool: timm pooling type for the head.
         drop_rate: Dropout before the classifier.
+        device, dtype: Where and in which dtype the parameters are created (timm's factory arguments).
     """
 
     def __init__(
@@ -80,16 +85,22 @@ class CifarMobileNetV2(ClassifierMixin, nn.Module):
             in_chans: int = 3,
             global_pool: str = 'avg',
             drop_rate: float = 0.,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if width_mult <= 0:
             raise ValueError(f'width_mult: expected a positive multiplier, got {width_mult}')
+        self.in_chans = in_chans
         self.grad_checkpointing = False
         stem_chs = int(32 * width_mult)
-        self.conv_stem = nn.Conv2d(in_chans, stem_chs, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_chs)
+        self.conv_stem = nn.Conv2d(in_chans, stem_chs, 3, stride=2, padding=1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(stem_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
         self.feature_info = [dict(num_chs=stem_chs, reduction=2, module='act1')]
+        # stage_ends[k]: how many block stages have run at feature tap k (0: the stem)
+        self.stage_ends = [0]
 
         stages = []
         in_chs, reduction = stem_chs, 2
@@ -97,20 +108,21 @@ class CifarMobileNetV2(ClassifierMixin, nn.Module):
             out_chs = int(c * width_mult)
             t = expansion if t is None else t
             stages.append(nn.Sequential(*[
-                InvertedResidual(in_chs if j == 0 else out_chs, out_chs, s if j == 0 else 1, t) for j in range(n)]))
+                InvertedResidual(in_chs if j == 0 else out_chs, out_chs, s if j == 0 else 1, t, **dd) for j in range(n)]))
             in_chs = out_chs
             reduction *= s
             # Features at the end of each resolution (as in the KD literature: stages 2, 3, 5, 7).
             if i in (1, 2, 4, 6):
                 self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'blocks.{i}'))
+                self.stage_ends.append(i + 1)
         self.blocks = nn.Sequential(*stages)
 
         head_chs = int(1280 * width_mult) if width_mult > 1.0 else 1280
-        self.conv_head = nn.Conv2d(in_chs, head_chs, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(head_chs)
+        self.conv_head = nn.Conv2d(in_chs, head_chs, 1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(head_chs, **dd)
         self.act2 = nn.ReLU(inplace=True)
 
-        self._init_head(head_chs, num_classes, global_pool, drop_rate)
+        self._init_head(head_chs, num_classes, global_pool, drop_rate, **dd)
         init_weights(self)
 
     @torch.jit.ignore
@@ -121,10 +133,83 @@ class CifarMobileNetV2(ClassifierMixin, nn.Module):
                     (r'^conv_head|bn2', (99999,))],
         )
 
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features and return the taps of ``feature_info`` (stem, ends of stages 2, 3, 5, 7).
+
+        Args:
+            x: Input image tensor.
+            indices: Take the last n taps if int, all if None, the listed ones if a sequence.
+            norm: Unused (the 1x1 head conv follows the last tap and is not a norm).
+            stop_early: Stop after the last tap asked for.
+            output_fmt: Shape of the taps; only 'NCHW'.
+            intermediates_only: Only return the taps.
+
+        Returns:
+            The taps, or (final features, taps).
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
+        take_indices = [self.stage_ends[i] for i in take_indices]
+        max_index = self.stage_ends[max_index]
+
+        feat_idx = 0  # block stages run so far; 0 is the stem
+        x = self.act1(self.bn1(self.conv_stem(x)))
+        if feat_idx in take_indices:
+            intermediates.append(x)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice modules in torchscript
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index]
+        for feat_idx, stage in enumerate(blocks, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)  # per block, as forward_features
+            else:
+                x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+
+        if intermediates_only:
+            return intermediates
+        if feat_idx == self.stage_ends[-1]:
+            x = self.act2(self.bn2(self.conv_head(x)))
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Remove the stages after the last tap asked for, and the 1x1 head conv with them or with the head.
+
+        Returns the tap indices (as ``feature_info``, not block stages).
+        """
+        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
+        num_chs = self.feature_info[max_index]['num_chs']
+        max_index = self.stage_ends[max_index]
+        # the head conv follows the last tap and never feeds a tap (as timm's EfficientNet conv_head)
+        prune_end = prune_norm or prune_head or max_index < len(self.blocks)
+        self.blocks = self.blocks[:max_index]
+        if prune_end:
+            self.conv_head, self.bn2, self.act2 = nn.Identity(), nn.Identity(), nn.Identity()
+        self._prune_head_to(num_chs, prune_end, prune_head)
+        return take_indices
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv_stem(x)))
-        for stage in self.blocks:
-            x = run_stage(stage, x, self.grad_checkpointing)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x, flatten=True)  # per block
+        else:
+            x = self.blocks(x)
         return self.act2(self.bn2(self.conv_head(x)))
 
 

@@ -14,7 +14,9 @@ import torch.nn as nn
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import ClassifierMixin, ThreeStageMixin, cifar_cfg, init_weights, rename_keys
+from ._common import cifar_cfg, init_weights, rename_keys
+from ._head import ClassifierMixin
+from ._stages import ThreeStageMixin
 
 __all__ = ['CifarResNet', 'BasicBlock']
 
@@ -26,20 +28,22 @@ class BasicBlock(nn.Module):
         in_chs: Input channels.
         out_chs: Output channels.
         stride: Stride of the first conv (and of the projection shortcut).
+        device, dtype: Where and in which dtype the parameters are created.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, device=None, dtype=None):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_chs)
+        dd = {'device': device, 'dtype': dtype}
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(out_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(out_chs, **dd)
         self.downsample = None
         if stride != 1 or in_chs != out_chs:
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_chs),
+                nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd),
+                nn.BatchNorm2d(out_chs, **dd),
             )
         self.act2 = nn.ReLU(inplace=True)
 
@@ -60,6 +64,7 @@ class CifarResNet(ThreeStageMixin, ClassifierMixin, nn.Module):
         in_chans: Input image channels.
         global_pool: timm pooling type for the head.
         drop_rate: Dropout before the classifier.
+        device, dtype: Where and in which dtype the parameters are created (timm's factory arguments).
     """
 
     def __init__(
@@ -70,30 +75,34 @@ class CifarResNet(ThreeStageMixin, ClassifierMixin, nn.Module):
             in_chans: int = 3,
             global_pool: str = 'avg',
             drop_rate: float = 0.,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f'depth: expected 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth}')
         if len(widths) != 4:
             raise ValueError(f'widths: expected 4 values (stem, stage1, stage2, stage3), got {tuple(widths)}')
         blocks_per_stage = (depth - 2) // 6
+        self.in_chans = in_chans
         self.grad_checkpointing = False
 
-        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(widths[0], **dd)
         self.act1 = nn.ReLU(inplace=True)
         self.feature_info = [dict(num_chs=widths[0], reduction=1, module='act1')]
         in_chs, reduction = widths[0], 1
         for i, (out_chs, stride) in enumerate(zip(widths[1:], (1, 2, 2))):
             blocks = []
             for j in range(blocks_per_stage):
-                blocks.append(BasicBlock(in_chs, out_chs, stride if j == 0 else 1))
+                blocks.append(BasicBlock(in_chs, out_chs, stride if j == 0 else 1, **dd))
                 in_chs = out_chs
             reduction *= stride
             self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'layer{i + 1}'))
 
-        self._init_head(in_chs, num_classes, global_pool, drop_rate)
+        self._init_head(in_chs, num_classes, global_pool, drop_rate, **dd)
         init_weights(self)
 
 

@@ -16,7 +16,9 @@ import torch.nn as nn
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import ClassifierMixin, ThreeStageMixin, channel_shuffle, cifar_cfg, init_weights, rename_keys
+from ._common import channel_shuffle, cifar_cfg, init_weights, rename_keys
+from ._head import ClassifierMixin
+from ._stages import ThreeStageMixin
 
 __all__ = ['CifarShuffleNetV1', 'ShuffleV1Unit']
 
@@ -31,21 +33,24 @@ class ShuffleV1Unit(nn.Module):
         stride: 1 (residual add) or 2 (average-pool shortcut, concatenated).
         groups: Groups of the 1x1 convs.
         first_groups: Groups of the first 1x1 conv (1 after the stem).
+        device, dtype: Where and in which dtype the parameters are created.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int, groups: int, first_groups: int):
+    def __init__(self, in_chs: int, out_chs: int, stride: int, groups: int, first_groups: int,
+                 device=None, dtype=None):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if stride not in (1, 2):
             raise ValueError(f'stride: expected 1 or 2, got {stride}')
         mid = out_chs // 4
         self.stride = stride
         self.first_groups = first_groups
-        self.conv1 = nn.Conv2d(in_chs, mid, 1, groups=first_groups, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=mid, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv3 = nn.Conv2d(mid, out_chs, 1, groups=groups, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.conv1 = nn.Conv2d(in_chs, mid, 1, groups=first_groups, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(mid, **dd)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=mid, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(mid, **dd)
+        self.conv3 = nn.Conv2d(mid, out_chs, 1, groups=groups, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(out_chs, **dd)
         self.act = nn.ReLU(inplace=True)
         self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
 
@@ -72,6 +77,7 @@ class CifarShuffleNetV1(ThreeStageMixin, ClassifierMixin, nn.Module):
         in_chans: Input image channels.
         global_pool: timm pooling type for the head.
         drop_rate: Dropout before the classifier.
+        device, dtype: Where and in which dtype the parameters are created (timm's factory arguments).
     """
 
     def __init__(
@@ -84,11 +90,15 @@ class CifarShuffleNetV1(ThreeStageMixin, ClassifierMixin, nn.Module):
             in_chans: int = 3,
             global_pool: str = 'avg',
             drop_rate: float = 0.,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.in_chans = in_chans
         self.grad_checkpointing = False
-        self.conv1 = nn.Conv2d(in_chans, stem_chs, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_chs)
+        self.conv1 = nn.Conv2d(in_chans, stem_chs, 1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(stem_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
         self.feature_info = [dict(num_chs=stem_chs, reduction=1, module='act1')]
         in_chs, reduction = stem_chs, 1
@@ -97,15 +107,15 @@ class CifarShuffleNetV1(ThreeStageMixin, ClassifierMixin, nn.Module):
             for j in range(d):
                 first_groups = 1 if in_chs == stem_chs else groups
                 if j == 0:
-                    units.append(ShuffleV1Unit(in_chs, w - in_chs, 2, groups, first_groups))
+                    units.append(ShuffleV1Unit(in_chs, w - in_chs, 2, groups, first_groups, **dd))
                 else:
-                    units.append(ShuffleV1Unit(in_chs, w, 1, groups, first_groups))
+                    units.append(ShuffleV1Unit(in_chs, w, 1, groups, first_groups, **dd))
                 in_chs = w
             reduction *= 2
             self.add_module(f'layer{i + 1}', nn.Sequential(*units))
             self.feature_info.append(dict(num_chs=w, reduction=reduction, module=f'layer{i + 1}'))
 
-        self._init_head(in_chs, num_classes, global_pool, drop_rate)
+        self._init_head(in_chs, num_classes, global_pool, drop_rate, **dd)
         init_weights(self)
 
 

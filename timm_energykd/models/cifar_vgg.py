@@ -7,14 +7,16 @@ no pool before stage 5 (the KD code adds it only for 64x64 inputs: ``pool_stage5
 Global average pooling and one linear layer (512 -> classes) follow, no fully connected stack.
 """
 import re
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # timm exports it from _features only
 
-from ._common import ClassifierMixin, cifar_cfg, init_weights, run_stage
+from ._common import cifar_cfg, init_weights
+from ._head import ClassifierMixin
 
 __all__ = ['CifarVGG', 'ConvBnAct', 'VggStage']
 
@@ -30,10 +32,11 @@ VGG_DEPTHS = {
 class ConvBnAct(nn.Module):
     """3x3 conv (with bias, as in the KD literature's VGG) -> BN -> ReLU."""
 
-    def __init__(self, in_chs: int, out_chs: int):
+    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=True)
-        self.bn = nn.BatchNorm2d(out_chs)
+        dd = {'device': device, 'dtype': dtype}
+        self.conv = nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=True, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,16 +51,21 @@ class VggStage(nn.Module):
         out_chs: Output channels of every conv in the stage.
         depth: Number of convs.
         pool: Whether the stage starts with a stride-2 max-pool.
+        device, dtype: Where and in which dtype the parameters are created.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, depth: int, pool: bool):
+    def __init__(self, in_chs: int, out_chs: int, depth: int, pool: bool, device=None, dtype=None):
         super().__init__()
         self.pool = nn.MaxPool2d(2, 2) if pool else nn.Identity()
-        self.blocks = nn.Sequential(*[ConvBnAct(in_chs if i == 0 else out_chs, out_chs) for i in range(depth)])
+        self.blocks = nn.Sequential(*[
+            ConvBnAct(in_chs if i == 0 else out_chs, out_chs, device=device, dtype=dtype) for i in range(depth)])
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_stage(self.blocks, self.pool(x), self.grad_checkpointing)
+        x = self.pool(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)  # per block
+        return self.blocks(x)
 
 
 class CifarVGG(ClassifierMixin, nn.Module):
@@ -71,6 +79,7 @@ class CifarVGG(ClassifierMixin, nn.Module):
         pool_stage5: Max-pool before the fifth stage (the KD code does this for 64x64 inputs only).
         global_pool: timm pooling type for the head.
         drop_rate: Dropout before the classifier.
+        device, dtype: Where and in which dtype the parameters are created (timm's factory arguments).
     """
 
     def __init__(
@@ -82,22 +91,26 @@ class CifarVGG(ClassifierMixin, nn.Module):
             pool_stage5: bool = False,
             global_pool: str = 'avg',
             drop_rate: float = 0.,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if len(depths) != 5 or len(widths) != 5:
             raise ValueError(f'depths / widths: expected 5 values each, got {tuple(depths)} / {tuple(widths)}')
+        self.in_chans = in_chans
         self.feature_info = []
         stages = []
         in_chs, reduction = in_chans, 1
         for i, (d, w) in enumerate(zip(depths, widths)):
             pool = 0 < i < 4 or (i == 4 and pool_stage5)
             reduction *= 2 if pool else 1
-            stages.append(VggStage(in_chs, w, d, pool))
+            stages.append(VggStage(in_chs, w, d, pool, **dd))
             in_chs = w
             self.feature_info.append(dict(num_chs=w, reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
-        self._init_head(in_chs, num_classes, global_pool, drop_rate)
+        self._init_head(in_chs, num_classes, global_pool, drop_rate, **dd)
         init_weights(self)
 
     @torch.jit.ignore
@@ -108,6 +121,56 @@ class CifarVGG(ClassifierMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for s in self.stages:
             s.grad_checkpointing = enable
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features and return the stage outputs (the taps of ``feature_info``).
+
+        Args:
+            x: Input image tensor.
+            indices: Take the last n stages if int, all if None, the listed ones if a sequence.
+            norm: Unused (VGG has no final norm).
+            stop_early: Stop after the last stage asked for.
+            output_fmt: Shape of the taps; only 'NCHW'.
+            intermediates_only: Only return the taps.
+
+        Returns:
+            The taps, or (final features, taps).
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice modules in torchscript
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)  # the stage checkpoints its blocks itself
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Remove the stages after the last one asked for (and the head when ``prune_head``)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        prune_end = max_index < len(self.feature_info) - 1
+        self.stages = self.stages[:max_index + 1]
+        self._prune_head_to(self.feature_info[max_index]['num_chs'], prune_end, prune_head)
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(x)

@@ -13,7 +13,9 @@ import torch.nn as nn
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import ClassifierMixin, cifar_cfg, init_weights, rename_keys, run_stage
+from ._common import cifar_cfg, init_weights, rename_keys
+from ._head import ClassifierMixin
+from ._stages import ThreeStageMixin
 
 __all__ = ['CifarWideResNet', 'PreActBlock']
 
@@ -26,22 +28,24 @@ class PreActBlock(nn.Module):
         out_chs: Output channels.
         stride: Stride of the first conv (and of the shortcut conv).
         drop_rate: Dropout between the two convs (0 in the KD literature).
+        device, dtype: Where and in which dtype the parameters are created.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0.):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0., device=None, dtype=None):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_chs)
+        dd = {'device': device, 'dtype': dtype}
+        self.bn1 = nn.BatchNorm2d(in_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(out_chs, **dd)
         self.act2 = nn.ReLU(inplace=True)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0. else nn.Identity()
-        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
         # The KD literature's WRN projects only when the width changes (a stride-2 block without a width
         # change would add an unmatched identity; no WRN-d-k config has one).
         self.shortcut = None
         if in_chs != out_chs:
-            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd)
         elif stride != 1:
             raise ValueError('PreActBlock: a stride-2 block must change the width (in_chs != out_chs)')
 
@@ -54,7 +58,7 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class CifarWideResNet(ClassifierMixin, nn.Module):
+class CifarWideResNet(ThreeStageMixin, ClassifierMixin, nn.Module):
     """Wide ResNet WRN-depth-widen for CIFAR.
 
     Args:
@@ -65,6 +69,7 @@ class CifarWideResNet(ClassifierMixin, nn.Module):
         global_pool: timm pooling type for the head.
         drop_rate: Dropout before the classifier.
         block_drop_rate: Dropout inside each block (WRN paper option; 0 in the KD literature).
+        device, dtype: Where and in which dtype the parameters are created (timm's factory arguments).
     """
 
     def __init__(
@@ -76,34 +81,38 @@ class CifarWideResNet(ClassifierMixin, nn.Module):
             global_pool: str = 'avg',
             drop_rate: float = 0.,
             block_drop_rate: float = 0.,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f'depth: expected 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}')
         if widen_factor < 1:
             raise ValueError(f'widen_factor: expected an integer >= 1, got {widen_factor}')
         blocks_per_stage = (depth - 4) // 6
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.in_chans = in_chans
         self.grad_checkpointing = False
 
-        self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False, **dd)
         self.feature_info = [dict(num_chs=16, reduction=1, module='conv1')]
         in_chs, reduction = 16, 1
         for i, (out_chs, stride) in enumerate(zip(widths, (1, 2, 2))):
             blocks = []
             for j in range(blocks_per_stage):
-                blocks.append(PreActBlock(in_chs, out_chs, stride if j == 0 else 1, block_drop_rate))
+                blocks.append(PreActBlock(in_chs, out_chs, stride if j == 0 else 1, block_drop_rate, **dd))
                 in_chs = out_chs
             reduction *= stride
             self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
             if i < 2:
                 self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'layer{i + 1}'))
         # Pre-activation nets end with BN-ReLU; the last stage's feature is taken after it.
-        self.norm = nn.BatchNorm2d(in_chs)
+        self.norm = nn.BatchNorm2d(in_chs, **dd)
         self.act = nn.ReLU(inplace=True)
         self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module='act'))
 
-        self._init_head(in_chs, num_classes, global_pool, drop_rate)
+        self._init_head(in_chs, num_classes, global_pool, drop_rate, **dd)
         init_weights(self)
 
     @torch.jit.ignore
@@ -114,12 +123,14 @@ class CifarWideResNet(ClassifierMixin, nn.Module):
             head_norm=r'^norm',
         )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = run_stage(self.layer1, x, self.grad_checkpointing)
-        x = run_stage(self.layer2, x, self.grad_checkpointing)
-        x = run_stage(self.layer3, x, self.grad_checkpointing)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(x)  # pre-activation: the stem is a bare conv
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(x))
+
+    def _prune_tail(self) -> None:
+        self.norm, self.act = nn.Identity(), nn.Identity()
 
 
 # mdistiller / RepDistiller `wrn.py` names -> ours.

@@ -24,7 +24,9 @@ import torch.nn as nn
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import ClassifierMixin, channel_shuffle, cifar_cfg, imagenet_cfg, init_weights, rename_keys, run_stage
+from ._common import channel_shuffle, cifar_cfg, imagenet_cfg, init_weights, rename_keys
+from ._head import ClassifierMixin
+from ._stages import ThreeStageMixin
 
 __all__ = ['ShuffleNetV2', 'ShuffleV2Unit', 'ShuffleV2DownUnit']
 
@@ -34,19 +36,21 @@ class ShuffleV2Unit(nn.Module):
 
     Args:
         chs: Input = output channels (even).
+        device, dtype: Where and in which dtype the parameters are created.
     """
 
-    def __init__(self, chs: int):
+    def __init__(self, chs: int, device=None, dtype=None):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if chs % 2:
             raise ValueError(f'chs: a ShuffleNetV2 unit needs an even channel count, got {chs}')
         half = chs // 2
-        self.conv1 = nn.Conv2d(half, half, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(half)
-        self.conv2 = nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False)
-        self.bn2 = nn.BatchNorm2d(half)
-        self.conv3 = nn.Conv2d(half, half, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(half)
+        self.conv1 = nn.Conv2d(half, half, 1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(half, **dd)
+        self.conv2 = nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(half, **dd)
+        self.conv3 = nn.Conv2d(half, half, 1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(half, **dd)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,25 +67,27 @@ class ShuffleV2DownUnit(nn.Module):
     Args:
         in_chs: Input channels.
         out_chs: Output channels (even).
+        device, dtype: Where and in which dtype the parameters are created.
     """
 
-    def __init__(self, in_chs: int, out_chs: int):
+    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if out_chs % 2:
             raise ValueError(f'out_chs: a ShuffleNetV2 unit needs an even channel count, got {out_chs}')
         mid = out_chs // 2
         # left branch
-        self.conv1 = nn.Conv2d(in_chs, in_chs, 3, stride=2, padding=1, groups=in_chs, bias=False)
-        self.bn1 = nn.BatchNorm2d(in_chs)
-        self.conv2 = nn.Conv2d(in_chs, mid, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv1 = nn.Conv2d(in_chs, in_chs, 3, stride=2, padding=1, groups=in_chs, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(in_chs, **dd)
+        self.conv2 = nn.Conv2d(in_chs, mid, 1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(mid, **dd)
         # right branch
-        self.conv3 = nn.Conv2d(in_chs, mid, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(mid)
-        self.conv4 = nn.Conv2d(mid, mid, 3, stride=2, padding=1, groups=mid, bias=False)
-        self.bn4 = nn.BatchNorm2d(mid)
-        self.conv5 = nn.Conv2d(mid, mid, 1, bias=False)
-        self.bn5 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(in_chs, mid, 1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(mid, **dd)
+        self.conv4 = nn.Conv2d(mid, mid, 3, stride=2, padding=1, groups=mid, bias=False, **dd)
+        self.bn4 = nn.BatchNorm2d(mid, **dd)
+        self.conv5 = nn.Conv2d(mid, mid, 1, bias=False, **dd)
+        self.bn5 = nn.BatchNorm2d(mid, **dd)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +97,7 @@ class ShuffleV2DownUnit(nn.Module):
         return channel_shuffle(torch.cat([left, right], dim=1), 2)
 
 
-class ShuffleNetV2(ClassifierMixin, nn.Module):
+class ShuffleNetV2(ThreeStageMixin, ClassifierMixin, nn.Module):
     """ShuffleNetV2 with a CIFAR or ImageNet stem.
 
     Args:
@@ -104,6 +110,7 @@ class ShuffleNetV2(ClassifierMixin, nn.Module):
         in_chans: Input image channels.
         global_pool: timm pooling type for the head.
         drop_rate: Dropout before the classifier.
+        device, dtype: Where and in which dtype the parameters are created (timm's factory arguments).
     """
 
     def __init__(
@@ -117,16 +124,20 @@ class ShuffleNetV2(ClassifierMixin, nn.Module):
             in_chans: int = 3,
             global_pool: str = 'avg',
             drop_rate: float = 0.,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if stem not in ('imagenet', 'cifar'):
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {stem!r}")
+        self.in_chans = in_chans
         self.grad_checkpointing = False
         if stem == 'imagenet':
-            self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, stride=2, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, stride=2, padding=1, bias=False, **dd)
         else:
-            self.conv1 = nn.Conv2d(in_chans, stem_chs, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_chs)
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, 1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(stem_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
         reduction = 2 if stem == 'imagenet' else 1
         self.feature_info = [dict(num_chs=stem_chs, reduction=reduction, module='act1')]
@@ -135,18 +146,18 @@ class ShuffleNetV2(ClassifierMixin, nn.Module):
 
         in_chs = stem_chs
         for i, (w, d) in enumerate(zip(widths, depths)):
-            units = [ShuffleV2DownUnit(in_chs, w)] + [ShuffleV2Unit(w) for _ in range(d - 1)]
+            units = [ShuffleV2DownUnit(in_chs, w, **dd)] + [ShuffleV2Unit(w, **dd) for _ in range(d - 1)]
             in_chs = w
             reduction *= 2
             self.add_module(f'layer{i + 1}', nn.Sequential(*units))
             if i < 2:
                 self.feature_info.append(dict(num_chs=w, reduction=reduction, module=f'layer{i + 1}'))
-        self.conv2 = nn.Conv2d(in_chs, head_chs, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(head_chs)
+        self.conv2 = nn.Conv2d(in_chs, head_chs, 1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(head_chs, **dd)
         self.act2 = nn.ReLU(inplace=True)
         self.feature_info.append(dict(num_chs=head_chs, reduction=reduction, module='act2'))
 
-        self._init_head(head_chs, num_classes, global_pool, drop_rate)
+        self._init_head(head_chs, num_classes, global_pool, drop_rate, **dd)
         init_weights(self)
 
     @torch.jit.ignore
@@ -156,12 +167,18 @@ class ShuffleNetV2(ClassifierMixin, nn.Module):
             blocks=[(r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)', None), (r'^conv2|bn2', (99999,))],
         )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        x = run_stage(self.layer1, x, self.grad_checkpointing)
-        x = run_stage(self.layer2, x, self.grad_checkpointing)
-        x = run_stage(self.layer3, x, self.grad_checkpointing)
+    # the stem tap is taken before the ImageNet max-pool; the last tap after the 1x1 conv (as feature_info)
+    def forward_stem_pool(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(x)
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
         return self.act2(self.bn2(self.conv2(x)))
+
+    def _prune_stem_pool(self) -> None:
+        self.maxpool = nn.Identity()
+
+    def _prune_tail(self) -> None:
+        self.conv2, self.bn2, self.act2 = nn.Identity(), nn.Identity(), nn.Identity()
 
 
 # mdistiller / RepDistiller `ShuffleNetv2.py` names -> ours (only the classifier differs).

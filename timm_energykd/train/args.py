@@ -120,6 +120,11 @@ ENERGYKD_GROUPS: Tuple[Tuple[str, Tuple[Tuple[Tuple[str, ...], Dict[str, Any]], 
         (('--calibration-cache',), dict(type=_s, default=None, metavar='PATH',
                                         help='threshold cache JSON (default: <output dir>/energy_thresholds.json)')),
         (('--running-momentum',), dict(type=_f, default=0.9, help='momentum of --calibration running')),
+        (('--energykd-rules',), dict(type=_s, default='paper', choices=['paper', 'authors'],
+                                     help="'authors': the authors' code where it departs from the paper (docs/FIDELITY.md): "
+                                          'thresholds at int(N r) / N-1-int(N r) with a strict low group, calibration '
+                                          'without the last partial batch, HE-DA on [0, 1] + selected with randperm '
+                                          "partners and a cut//2 CutMix box; set --temp-direction reverse for their temperatures")),
     )),
     ('High-energy data augmentation (HE-DA)', (
         (('--he-da',), dict(type=_s, default='off', choices=['off', 'cutmix', 'mixup'], help='mix only high-energy samples')),
@@ -131,7 +136,10 @@ ENERGYKD_GROUPS: Tuple[Tuple[str, Tuple[Tuple[Tuple[str, ...], Dict[str, Any]], 
     ('Decoupled KD parameters', (
         (('--dkd-alpha',), dict(type=_f, default=1.0, help='DKD target-class (TCKD) weight')),
         (('--dkd-beta',), dict(type=_f, default=8.0, help='DKD non-target-class (NCKD) weight')),
-        (('--dkd-warmup',), dict(type=_i, default=20, metavar='EPOCHS', help='DKD linear warm-up epochs')),
+        (('--dkd-warmup',), dict(type=_i, default=20, metavar='EPOCHS', help='DKD warm-up epochs W (0 = off)')),
+        (('--dkd-warmup-mode',), dict(type=_s, default='mdistiller', choices=['mdistiller', 'linear'],
+                                      help="'mdistiller': min(epoch / W, 1) with the integer epoch from 1 (W = 1: full "
+                                           "DKD from the first step); 'linear': a smooth ramp min(progress / W, 1) from 0")),
     )),
     ('Long-tailed data', (
         (('--imbalance-factor',), dict(type=_f, default=None, metavar='F',
@@ -150,6 +158,7 @@ ENERGYKD_GROUPS: Tuple[Tuple[str, Tuple[Tuple[Tuple[str, ...], Dict[str, Any]], 
 # Keys timm's train.py (or a trainer) sets on args at run time; tolerated in a --config YAML, never parsed.
 RUNTIME_KEYS: Set[str] = {
     'rank', 'world_size', 'distributed', 'prefetcher', 'local_rank', 'device_id', 'is_master', 'config',
+    'run_identity',
 }
 
 

@@ -24,7 +24,8 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, init_distributed_device
 
 from ..data import TransformSubset
-from ..peer_losses import BlendedTeacher
+from ..replay import CALIBRATION_EPOCH, loader_is_exact, seed_loader_epoch
+from ..teacher import BlendedTeacher
 from ..teacher import build_teacher, resolve_teacher_pretrained
 
 _logger = logging.getLogger('train')
@@ -212,6 +213,9 @@ def create_loaders(args, dataset_train, dataset_eval, data_config, device, colla
         use_multi_epochs_loader=args.use_multi_epochs_loader, worker_seeding=args.worker_seeding,
     )
     loader_train = create_loader(dataset_train, batch_size=args.batch_size, collate_fn=collate_fn, **train_kw)
+    if not loader_is_exact(loader_train) and args.rank == 0:
+        _logger.warning('--use-multi-epochs-loader: workers prefetch across epochs, so augmentation is not a '
+                        'function of (seed, epoch) and a resumed run is not bit-identical to an uninterrupted one')
     loader_eval = None
     if dataset_eval is not None:
         loader_eval = create_loader(
@@ -232,6 +236,8 @@ def create_calibration_loader(args, dataset_train, train_kw):
     batch_sampler = getattr(getattr(loader, 'loader', loader), 'batch_sampler', None)
     if batch_sampler is not None and hasattr(batch_sampler, 'drop_last'):
         batch_sampler.drop_last = False
+    # augmentation per (seed, sample index) of its own stream: equal for any worker / process count
+    seed_loader_epoch(loader, args.seed, CALIBRATION_EPOCH, args.rank)
     return loader
 
 
@@ -248,7 +254,7 @@ def create_task(args, model, teacher, criterion, device):
         return ClassificationTask(model, criterion, device=device, verbose=args.rank == 0)
     from timm_energykd.mixing import HighEnergyMix
     from timm_energykd.task import EnergyDistillationTask
-    from timm_energykd.losses import create_distill_loss, uses_energy_temperature
+    from timm_energykd.losses import create_distill_loss, loss_kwargs_from_args, uses_energy_temperature
     from timm_energykd.temperature import create_temperature_policy
 
     if not uses_energy_temperature(args.distill_loss):
@@ -260,16 +266,15 @@ def create_task(args, model, teacher, criterion, device):
     else:
         policy = create_temperature_policy(
             'two_bin', base=args.kd_temperature, delta_low=args.temp_delta_low, delta_high=args.temp_delta_high,
-            direction=args.temp_direction, low_temperature=args.temp_low, high_temperature=args.temp_high)
-    loss_kwargs = {}
-    if args.distill_loss in ('dkd', 'energy_dkd', 'dkd_ls'):
-        loss_kwargs = dict(alpha=args.dkd_alpha, beta=args.dkd_beta, warmup_epochs=args.dkd_warmup)
+            direction=args.temp_direction, low_temperature=args.temp_low, high_temperature=args.temp_high,
+            rule=args.energykd_rules)
+    loss_kwargs = loss_kwargs_from_args(args.distill_loss, args)  # the flags the loss declares (e.g. --dkd-*)
     loss_kwargs.update(args.distill_loss_kwargs or {})
     he_da = None
     if args.he_da != 'off':
         he_da = HighEnergyMix(
             mode=args.he_da, alpha=args.he_da_alpha, selection=args.he_da_selection,
-            rate=args.he_da_rate if args.he_da_selection == 'topk' else None)
+            rate=args.he_da_rate if args.he_da_selection == 'topk' else None, rule=args.energykd_rules)
     try:  # built once here so a misspelt or unknown keyword fails in one line naming the flag
         distill_loss = create_distill_loss(args.distill_loss, **loss_kwargs)
     except (TypeError, ValueError) as e:

@@ -1,52 +1,28 @@
 """Checkpoints: timm's CheckpointSaver made atomic, and ``--resume`` that restores exactly what was saved."""
-import hashlib
-import os
-import shutil
 from typing import Optional
 
-from timm.utils import CheckpointSaver
 from timm.utils.model import unwrap_model
 
+from .. import files
 from ..files import load_checkpoint_file
+from .identity import identity_differences, sha256_file
 
 
-class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver writes ``last`` via a temp file, but unlinks the old ``last`` before the rename,
-    and the copy to ``model_best`` / ``checkpoint-N`` unlinks then links (or copies) in place. Here every
-    file appears through a temp name and one ``os.replace``, so a kill at any moment leaves each checkpoint
-    either the previous complete version or the new complete one."""
-
-    def _replace(self, src, dst):
-        if os.name == 'nt':
-            return super()._replace(src, dst)
-        # timm unlinks ``last`` before the rename, so a kill in between would leave no last checkpoint;
-        # os.replace alone is atomic on POSIX (a hard-linked checkpoint-N keeps its own inode)
-        os.replace(src, dst)
-
-    def _duplicate(self, src, dst):
-        tmp = dst + '.tmp-dup'
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        try:
-            os.link(src, tmp)
-        except (OSError, NotImplementedError):
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-
-
-def sha256_file(path: Optional[str]) -> Optional[str]:
-    if not path:
-        return None
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
+# timm's CheckpointSaver made atomic, umask-respecting and with one-line disk errors: see timm_energykd.files
+AtomicCheckpointSaver = files.AtomicCheckpointSaver
 
 
 def check_resume_matches(args, ckpt) -> None:
-    """--resume must continue the same distillation: same teacher (name and weights) and loss."""
+    """--resume must continue the same experiment: every setting of the run identity must match."""
     old = ckpt.get('args')
+    old_identity, new_identity = getattr(old, 'run_identity', None), getattr(args, 'run_identity', None)
+    if old_identity is not None and new_identity is not None:
+        diffs = identity_differences(old_identity, new_identity)
+        if diffs:
+            raise ValueError(f'--resume: {args.resume} was trained with other settings ({"; ".join(diffs)}); '
+                             'resume with the same settings or start a new run')
+        return
+    # checkpoints written before the run identity existed: the teacher, its blend and the loss
     if old is not None:
         old_teacher = getattr(old, 'teacher', None) or getattr(old, 'kd_model_name', None)
         new_teacher = args.teacher or getattr(args, 'kd_model_name', None)

@@ -8,7 +8,7 @@ import argparse
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import timm
 
@@ -75,11 +75,7 @@ def _in_half_open(x: float, lo: float, hi: float) -> bool:
 
 
 def _known_losses() -> List[str]:
-    from .. import losses
-    try:  # peer losses register into the same registry when that module exists
-        from .. import peer_losses  # noqa: F401
-    except ImportError:
-        pass
+    from .. import losses  # the package registers every loss on import
     return losses.list_distill_losses()
 
 
@@ -150,6 +146,15 @@ def validate_args(args: argparse.Namespace) -> None:
     mom = g('running_momentum', 0.9)
     if not 0.0 <= mom < 1.0:
         raise ValueError(f'--running-momentum must be in [0, 1), got {mom}')
+
+    if g('energykd_rules', 'paper') == 'authors':
+        # the authors' rules are those of their dataset pass; the online estimators have only the paper's
+        if g('calibration', 'dataset') != 'dataset':
+            raise ValueError(f"--energykd-rules authors needs --calibration dataset (the authors' thresholds come "
+                             f"from one teacher pass), got --calibration {g('calibration')}")
+        if g('he_da', 'off') != 'off' and g('he_da_selection', 'threshold') != 'threshold':
+            raise ValueError("--energykd-rules authors selects HE-DA samples by threshold; "
+                             f"--he-da-selection {g('he_da_selection')} is ours")
 
     he_da = g('he_da', 'off')
     he_rate = g('he_da_rate', 0.3)

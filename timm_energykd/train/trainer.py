@@ -22,19 +22,22 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 import timm
-from timm.utils import distribute_bn, get_outdir, random_seed, setup_default_logging, update_summary
+from timm.utils import distribute_bn, random_seed, setup_default_logging, update_summary
 from timm.utils.model import unwrap_model
 
 import timm_energykd  # noqa: F401  (registers models and losses)
 from ..calibration import calibrate_or_load
 from ..data import create_train_eval_datasets, dataset_num_classes
 from ..energy_report import energy_bin_report, write_energy_bin_report
-from ..files import load_checkpoint_file, write_atomic
+from ..files import DiskWriteError, load_checkpoint_file, trim_summary, write_atomic
 from ..plots import plot_training_curves
+from ..replay import EpochSeededDataset, seed_loader_epoch
 from . import build
 from .args import parse_args
-from .checkpoint import AtomicCheckpointSaver, resume_checkpoint, sha256_file
+from .checkpoint import AtomicCheckpointSaver, resume_checkpoint
 from .checks import check_dataset_images, check_trainer_args, validate_args
+from .identity import run_identity, sha256_file
+from .outdir import claim_output_dir
 from .loop import NonFiniteError, train_one_epoch, validate
 
 _logger = logging.getLogger('train')
@@ -58,6 +61,10 @@ def build_data(args):
     check_dataset_images(dataset_train)
     if dataset_eval is not None:
         check_dataset_images(dataset_eval)
+    if not isinstance(dataset_train, torch.utils.data.IterableDataset):
+        # augmentation per (seed, epoch, sample index): the same for any --workers, persistent or not, and any
+        # process count, so a resumed run replays the uninterrupted one exactly (seed_loader_epoch each epoch)
+        dataset_train = EpochSeededDataset(dataset_train, seed=args.seed)
     return dataset_train, dataset_eval
 
 
@@ -76,7 +83,10 @@ def calibration_identity(args, num_samples: int) -> Dict[str, Any]:
         imbalance_factor=args.imbalance_factor,
         imbalance_seed=args.imbalance_seed if args.imbalance_factor is not None else None,
         num_samples=int(num_samples),
+        data_fingerprint=args.run_identity['data_fingerprint'],
         input_size=list(args._data_config['input_size']),
+        # only recorded for the authors' rules, so caches written before the flag existed stay valid
+        **({'rule': 'authors', 'drop_last': True} if args.energykd_rules == 'authors' else {}),
     )
 
 
@@ -100,7 +110,8 @@ def calibrate(args, task, dataset_train, train_kw, output_dir, precision, device
         task.teacher_logits, loader, args.energy_rate, cache=cache,
         identity=calibration_identity(args, len(dataset_train)), energy_temperature=args.energy_temperature,
         num_bins=int(getattr(task, 'num_bins', 10)), he_da_rate=he_rate, device=device,
-        amp_dtype=precision.amp_dtype, save=args.rank == 0, progress=args.rank == 0, log_interval=args.log_interval)
+        amp_dtype=precision.amp_dtype, save=args.rank == 0, progress=args.rank == 0, log_interval=args.log_interval,
+        rule=args.energykd_rules, drop_last=args.energykd_rules == 'authors')
     if cal.from_cache and args.rank == 0:
         _logger.info(f'Energy thresholds from cache {cache}: low={cal.thresholds.low:.4f} high={cal.thresholds.high:.4f}')
     task.set_thresholds(cal.thresholds, cal.he_da_thresholds)
@@ -117,26 +128,24 @@ def write_energy_plot(thresholds, path: str, teacher: str, he_da_thresholds=None
         _logger.warning(f'No energy histogram written: {e}')
 
 
-def create_output_dir(args, args_text: str, data_config) -> Optional[str]:
-    """timm's folder (``<output>/<experiment>``, default ``<date>-<model>-<img size>``), rank 0 creates it."""
-    output_dir = None
+def create_output_dir(args, args_text: str, data_config):
+    """timm's folder (``<output>/<experiment>``, default ``<date>-<model>-<img size>``), claimed by rank 0 for
+    this run only (``outdir.claim_output_dir``); returns (path, lock), the lock held until the run ends."""
+    output_dir, lock = None, None
     if args.rank == 0:
-        if args.experiment:
-            exp_name = args.experiment
-        else:
-            exp_name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), timm.models.get_arch_name(args.model),
-                                 str(data_config['input_size'][-1])])
-        base_dir = args.output if args.output else './output/train'
-        created_dir = not os.path.exists(os.path.join(base_dir, exp_name))
-        output_dir = get_outdir(base_dir, exp_name)
-        args._new_output_dir = output_dir if created_dir else None  # removed by main() if no checkpoint follows
+        exp_name = args.experiment or '-'.join([
+            datetime.now().strftime('%Y%m%d-%H%M%S'), timm.models.get_arch_name(args.model),
+            str(data_config['input_size'][-1])])
+        output_dir, created, lock = claim_output_dir(
+            args.output or './output/train', exp_name, named=bool(args.experiment), resume=args.resume)
+        args._new_output_dir = output_dir if created else None  # removed by main() if no checkpoint follows
         write_atomic(os.path.join(output_dir, 'args.yaml'), args_text)
     if args.distributed:
         import torch.distributed as dist
         holder = [output_dir]
         dist.broadcast_object_list(holder, src=0)
         output_dir = holder[0]
-    return output_dir
+    return output_dir, lock
 
 
 def _format_seconds(s: float) -> str:
@@ -169,6 +178,7 @@ def train(args, args_text: str) -> Dict[str, Any]:
         _logger.info(f'Model {args.model} created, param count:{sum(p.numel() for p in model.parameters())}')
     data_config = build.data_config_for(args, model)
     args._data_config = data_config
+    args.run_identity = run_identity(args, dataset_train)
     teacher = build.create_teacher(args, in_chans)
     model = build.place_models(args, model, teacher, device, precision)
     collate_fn, mixup_fn, mixup_active = build.create_mixup(args)
@@ -228,7 +238,7 @@ def train(args, args_text: str) -> Dict[str, Any]:
                     num_epochs=num_epochs, time_s=time.time() - t0, task=task, model=model, nothing_to_do=True)
 
     # ---- output folder (only now: bad flags / files have failed above without leaving a folder) ----
-    output_dir = create_output_dir(args, args_text, data_config)
+    output_dir, output_lock = create_output_dir(args, args_text, data_config)  # noqa: F841 (held open)
 
     # ---- energy thresholds (paper: one teacher pass over the train set before training) ----
     thresholds = calibrate(args, task, dataset_train, train_kw, output_dir, precision, device)
@@ -255,14 +265,19 @@ def train(args, args_text: str) -> Dict[str, Any]:
     best_metric, best_epoch = None, None
     eval_metrics: Dict[str, float] = {}
     summary_path = os.path.join(output_dir, 'summary.csv') if output_dir else None
+    if summary_path and start_epoch > 0:
+        # rows past the checkpoint (a run stopped between its summary row and its checkpoint) would repeat
+        dropped = trim_summary(summary_path, start_epoch)
+        if dropped:
+            _logger.info(f'summary.csv: dropped {dropped} row(s) from epoch {start_epoch} on (not in the checkpoint)')
     num_updates = start_epoch * updates_per_epoch
     t_loop = time.time()
     for epoch in range(start_epoch, num_epochs):
-        if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        # every epoch's randomness (shuffle, augmentation, dropout, HE-DA / mixup draws) depends only on
-        # (seed, rank, epoch), so a run resumed from an epoch checkpoint replays exactly what an uninterrupted
-        # run would have done; epoch 0 is seeded like timm (seed + rank)
+        # every epoch's randomness depends only on (seed, rank, epoch), so a run resumed from an epoch checkpoint
+        # replays exactly what an uninterrupted run would have done, with any number of (persistent) workers:
+        # shuffle order and augmentation from seed_loader_epoch (per sample index, before the epoch's iterator
+        # is created), dropout and HE-DA / mixup draws from the global RNGs (epoch 0 seeded like timm: seed + rank)
+        seed_loader_epoch(loader_train, args.seed, epoch, args.rank)
         random_seed(args.seed, args.rank + args.world_size * epoch)
         train_metrics, num_updates = train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, lr_scheduler=lr_scheduler,
@@ -396,4 +411,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteError as e:
         print(f'train_energykd.py: error: {e}', file=sys.stderr)
         return 3
+    except DiskWriteError as e:  # disk full / read-only: the message names the file and the problem
+        print(f'train_energykd.py: error: {e}', file=sys.stderr)
+        return 1
     return 0
