@@ -407,11 +407,11 @@ def test_run_outputs_get_the_same_mode_as_checkpoints(base, data, tmp_path):
         trainer.main(_argv(data, out, '--teacher', 'test_resnet', '--teacher-checkpoint', base['teacher'],
                            '--distill-loss', 'energy_kd'))
     run = out / 'run'
-    names = {'args.yaml', 'energy_thresholds.json', 'energy_histogram.png', 'last.pth.tar', 'summary.csv'}
+    names = {'args.yaml', 'energy_thresholds.json', 'energy_histogram.png', 'last.pth.tar', 'summary.csv',
+             'training_curves.png'}
     assert names <= set(os.listdir(run))
     modes = {n: oct(stat.S_IMODE(os.stat(run / n).st_mode)) for n in names}
     assert set(modes.values()) == {'0o644'}, modes
-    assert oct(stat.S_IMODE(os.stat(folder).st_mode)) == '0o755'
 
 
 # ---- through the CLI: exit status, one line on stderr, what is left ------------------------------------------
@@ -456,8 +456,8 @@ def test_disk_full_at_epoch_1_keeps_epoch_0_and_resume_does_not_repeat_rows(data
         trainer.main(argv)
     run = out / 'run'
     assert load_checkpoint_file(run / 'last.pth.tar')['epoch'] == 0
-    assert sorted(os.listdir(run)) == ['args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar',
-                                       'summary.csv']  # no temp file
+    assert sorted(os.listdir(run)) == ['.lock', 'args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar',
+                                       'summary.csv', 'training_curves.png']  # no temp file
     assert [ln.split(',')[0] for ln in (run / 'summary.csv').read_text().splitlines()[1:]] == ['0', '1']
     monkeypatch.setattr(torch, 'save', real_save)  # space freed
     trainer.main(argv + ['--resume', str(run / 'last.pth.tar')])
@@ -481,6 +481,7 @@ def test_hub_export_respects_the_umask(tmp_path):
         folder = hub.export_for_hub(model, tmp_path / 'hub', run_info={'model': 'test_resnet'})
     modes = {p.name: oct(stat.S_IMODE(os.stat(p).st_mode)) for p in Path(folder).iterdir()}
     assert set(modes.values()) == {'0o644'}, modes
+    assert oct(stat.S_IMODE(os.stat(folder).st_mode)) == '0o755'
 
 
 def test_empty_sub_folder_inside_a_class_with_images_is_ignored(data):
