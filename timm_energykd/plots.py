@@ -177,8 +177,11 @@ def render_energy_histogram(
     rows: List[List[Tuple[float, float]]] = [[], [], []]  # label extents per row above the plot
     for v, colour, name in marks:
         x = x_of(v)
-        for y in range(top, top + ph, 6):  # dashed line
-            d.line([x, y, x, min(y + 3, top + ph)], fill=colour, width=2)
+        # a white-edged dashed line in a darker shade, so it stays visible over bars of its own colour
+        line = tuple(int(c * 0.55) for c in colour) if name != 'HE-DA high' else colour
+        d.line([x, top, x, top + ph], fill=(255, 255, 255), width=4)
+        for y in range(top, top + ph, 6):
+            d.line([x, y, x, min(y + 3, top + ph)], fill=line, width=2)
         # labels in the margin above the plot, 'low' left of its line, the others right of theirs; clamped
         # inside the image and moved to the second row when they would overlap a label already placed
         label = f'{name} = {label_fmt(v)}'
