@@ -159,7 +159,12 @@ def test_dataparallel_prefix_is_removed(tmp_path):
     src = _random_state_dict(_md_resnet(8, (16, 16, 32, 64), 10))
     path = tmp_path / 'dp.pth'
     torch.save({'model': {f'module.{k}': v for k, v in src.items()}}, path)
-    convert_mdistiller_checkpoint(str(path), 'cifar_resnet8', num_classes=10)
+    model = convert_mdistiller_checkpoint(str(path), 'cifar_resnet8', num_classes=10)
+    plain = tmp_path / 'plain.pth'
+    torch.save({'model': src}, plain)
+    ref = convert_mdistiller_checkpoint(str(plain), 'cifar_resnet8', num_classes=10)
+    got, want = model.state_dict(), ref.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 # ---- same logits as the original architecture, for families without a real checkpoint here ----

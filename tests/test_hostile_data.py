@@ -21,7 +21,7 @@ from timm_energykd import files
 from timm_energykd.data import check_train_batches, create_train_eval_datasets, scan_image_folder
 from timm_energykd.demo import make_demo_imagefolder
 from timm_energykd.files import DiskWriteError, load_checkpoint_file
-from timm_energykd.train import trainer
+from timm_energykd.train import checkpoint, trainer
 
 from helpers import random_teacher_checkpoint
 
@@ -279,7 +279,7 @@ def _enospc(*_, **__):
 
 def _saver(folder):
     model = torch.nn.Linear(2, 2)
-    return files.AtomicCheckpointSaver(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    return checkpoint.AtomicCheckpointSaver(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                        checkpoint_dir=str(folder), recovery_dir=str(folder), max_history=2)
 
 
@@ -468,9 +468,9 @@ def test_disk_full_at_epoch_1_keeps_epoch_0_and_resume_does_not_repeat_rows(data
 def test_trim_summary_drops_later_rows_and_a_partial_line(tmp_path):
     p = tmp_path / 'summary.csv'
     p.write_text('epoch,train_loss,lr\n0,1.0,0.1\n1,0.9,0.1\n2,0.8,0.1\n3,0.')
-    assert files.trim_summary(p, 2) == 2
+    assert checkpoint.trim_summary(p, 2) == 2
     assert p.read_text() == 'epoch,train_loss,lr\n0,1.0,0.1\n1,0.9,0.1\n'
-    assert files.trim_summary(p, 2) == 0 and files.trim_summary(tmp_path / 'none.csv', 1) == 0
+    assert checkpoint.trim_summary(p, 2) == 0 and checkpoint.trim_summary(tmp_path / 'none.csv', 1) == 0
 
 
 def test_hub_export_respects_the_umask(tmp_path):

@@ -37,7 +37,7 @@ def run(tmp_path_factory):
     data = make_demo_imagefolder(root / 'data', train_per_class=8, val_per_class=4, size=32, num_classes=4)
     argv = [str(data), '--img-size', '32', '--batch-size', '8', '--workers', '0', '--device', 'cpu',
             '--output', str(root / 'out'), '--experiment', 'student', '--warmup-epochs', '0', '--lr', '0.05',
-            '--model', 'test_resnet', '--teacher', 'cifar_resnet8', '--distill-loss', 'energy_kd',
+            '--model', 'test_resnet', '--teacher', 'cifar_resnet8', '--no-teacher-pretrained', '--distill-loss', 'energy_kd',
             '--epochs', '2', '--energy-rate', '0.25', '--energy-temperature', '2', '--kd-temperature', '3',
             '--temp-direction', 'reverse', '--he-da', 'cutmix', '--he-da-rate', '0.4', '--model-ema',
             '--task-loss-weight', '0.1', '--distill-loss-weight', '0.9', '--export-hub', str(root / 'export')]
@@ -428,7 +428,8 @@ def test_readme_first_commands():
     assert README.index(cpu) < README.index('## ')
 
 
-def test_readme_library_snippet_runs(capsys):
+def test_readme_library_snippet_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the snippet writes its threshold cache into the current folder
     blocks = _python_blocks(README)
     lib = next(b for b in blocks if 'EnergyDistillationTask(' in b)
     threads = torch.get_num_threads()
@@ -439,6 +440,7 @@ def test_readme_library_snippet_runs(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "'kd_loss'" in out and "'energy_kd'" in out
+    assert (tmp_path / 'energy_thresholds.json').is_file()  # the paper's thresholds, cached in one call
     for b in blocks:  # the others need a Hub repo / files; they must at least be valid Python
         compile(b, 'README.md', 'exec')
 

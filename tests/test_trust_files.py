@@ -119,7 +119,9 @@ def test_hub_reads_a_real_training_checkpoint(tmp_path):
     torch.save({'state_dict': sd, 'epoch': 0, 'args': argparse.Namespace(model='test_resnet')},
                tmp_path / 'last.pth.tar')
     (tmp_path / 'args.yaml').write_text('model: test_resnet\nnum_classes: 4\n')
-    hub.load_training_output(tmp_path)
+    state_dict, run_info, metrics, which = hub.load_training_output(tmp_path)
+    assert list(state_dict) == list(sd) and all(torch.equal(state_dict[k], sd[k]) for k in sd)
+    assert run_info['model'] == 'test_resnet' and run_info['num_classes'] == 4 and which == 'model'
 
 
 def test_last_checkpoint_never_missing(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from .energy import (
     energy_score, threshold_indices, EnergyThresholds, calibrate_thresholds,
 )
 from .thresholds import BatchQuantileThresholds, RunningThresholds
+from .calibration import Calibration, calibrate_or_load
 from .temperature import TwoBinTemperature, GradedTemperature, create_temperature_policy
 from .mixing import HighEnergyMix, MixResult
 from .task import EnergyDistillationTask

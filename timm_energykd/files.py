@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
 import torch
-from timm.utils import CheckpointSaver
 
 __all__ = ['write_atomic', 'save_checkpoint_atomic', 'torch_save_file', 'atomic_output', 'DiskWriteError',
-           'AtomicCheckpointSaver', 'trim_summary', 'default_file_mode', 'default_dir_mode', 'apply_umask',
+           'default_file_mode', 'default_dir_mode', 'apply_umask',
            'load_checkpoint_file', 'load_state_dict_file', 'check_writable_dir', 'check_image_files',
            'check_regular_file']
 
@@ -248,99 +247,6 @@ def save_checkpoint_atomic(state: Dict[str, Any], path: PathLike) -> Path:
         except DiskWriteError as e:  # name the destination, not the temp file
             raise DiskWriteError(path, e.cause if e.cause is not None else e, e.errno) from None
     return path
-
-
-def trim_summary(path: PathLike, start_epoch: int) -> int:
-    """Before a resumed run appends to ``summary.csv`` (timm's ``update_summary``): keep the header and the rows
-    of epochs before ``start_epoch``, drop later rows and a partial last line, atomically. Rows past the resumed
-    checkpoint exist when a run stopped between its summary row and its checkpoint (disk full, kill), and would
-    repeat (epochs 0, 1, 1, 2). Returns the number of rows dropped; a missing file is left missing."""
-    path = Path(path)
-    if not path.is_file():
-        return 0
-    text = path.read_text(encoding='utf-8', errors='replace')
-    lines = text.split('\n')
-    complete = lines[:-1]  # a last line without its newline is partial (killed mid-write)
-    if not complete:
-        return 0
-    keep = [complete[0]]
-    dropped = int(lines[-1].strip() != '')
-    for line in complete[1:]:
-        head = line.split(',', 1)[0].strip()
-        try:
-            epoch = int(float(head))
-        except ValueError:
-            dropped += 1
-            continue
-        if epoch < start_epoch:
-            keep.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        write_atomic(path, '\n'.join(keep) + '\n')
-    return dropped
-
-
-class _TorchSaveProxy:
-    """Stands in for the ``torch`` module inside timm's ``CheckpointSaver._save`` so that its ``torch.save``
-    goes through ``save_checkpoint_atomic``; everything else is the real torch."""
-
-    def __init__(self, real, final_path: Optional[str] = None):
-        self._real = real
-        self._final = final_path
-
-    def save(self, obj, f, *args, **kwargs):
-        if args or kwargs or not isinstance(f, (str, os.PathLike)):
-            return self._real.save(obj, f, *args, **kwargs)
-        try:
-            save_checkpoint_atomic(obj, f)
-        except DiskWriteError as e:
-            if not self._final:
-                raise
-            # timm writes ``last`` via ``tmp.pth.tar``: name the checkpoint the user knows
-            raise DiskWriteError(self._final, e.cause if e.cause is not None else e, e.errno) from None
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's ``CheckpointSaver`` with every file appearing through a temp name and one ``os.replace``.
-
-    timm writes ``last`` via ``tmp.pth.tar`` but unlinks the old ``last`` before the rename, and the copy to
-    ``model_best`` / ``checkpoint-N`` unlinks then links (or copies) in place. Here a kill at any moment leaves
-    each checkpoint either the previous complete version or the new complete one, new files get
-    ``0o666 & ~umask`` (as in timm), and a failed write (disk full, read-only) raises a one-line
-    ``DiskWriteError`` naming the file and the disk problem, with no partial file left behind.
-    """
-
-    def _save(self, save_path, epoch, metric=None):
-        import timm.utils.checkpoint_saver as cs
-        real = cs.torch
-        final = None
-        if os.path.basename(save_path) == 'tmp' + self.extension:
-            final = os.path.join(os.path.dirname(save_path), 'last' + self.extension)
-        cs.torch = _TorchSaveProxy(real, final)
-        try:
-            super()._save(save_path, epoch, metric)
-        finally:
-            cs.torch = real
-
-    def _replace(self, src, dst):
-        if os.name == 'nt':
-            return super()._replace(src, dst)
-        try:  # os.replace alone is atomic on POSIX (a hard-linked checkpoint-N keeps its own inode)
-            os.replace(src, dst)
-        except OSError as e:
-            raise DiskWriteError(dst, e) from None
-
-    def _duplicate(self, src, dst):
-        with atomic_output(dst) as tmp:
-            try:
-                os.link(src, tmp)
-            except (OSError, NotImplementedError):
-                import shutil
-                shutil.copy2(src, tmp)
 
 
 def check_regular_file(path: PathLike, flag: str = '--data-dir') -> None:

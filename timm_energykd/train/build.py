@@ -87,6 +87,8 @@ def create_student(args, in_chans: int) -> nn.Module:
             drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
             global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
             checkpoint_path=args.initial_checkpoint or None, **factory_kwargs, **(args.model_kwargs or {}))
+    except TypeError as e:  # e.g. a local-dir:/hf-hub: config.json whose model_args the architecture lacks
+        raise ValueError(f'--model {args.model}: cannot build it: {str(e).splitlines()[0]}') from None
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         flag = '--initial-checkpoint' if args.initial_checkpoint else '--pretrained-path' if args.pretrained_path else None
         if flag is None:
@@ -111,8 +113,11 @@ def create_teacher(args, in_chans: int) -> Optional[nn.Module]:
     if args.teacher is None:
         return None
     args.teacher_pretrained = resolve_teacher_pretrained(args.teacher, args.teacher_pretrained, args.teacher_checkpoint)
-    teacher = build_teacher(args.teacher, args.num_classes, pretrained=args.teacher_pretrained,
-                            checkpoint=args.teacher_checkpoint, in_chans=in_chans)
+    try:
+        teacher = build_teacher(args.teacher, args.num_classes, pretrained=args.teacher_pretrained,
+                                checkpoint=args.teacher_checkpoint, in_chans=in_chans)
+    except TypeError as e:  # e.g. a local-dir:/hf-hub: config.json whose model_args the architecture lacks
+        raise ValueError(f'--teacher {args.teacher}: cannot build it: {str(e).splitlines()[0]}') from None
     if args.teacher_prune_amount > 0:
         # R2KD's targets: teacher logits blended with those of a lightly pruned copy (also used for energies)
         teacher = BlendedTeacher(teacher, teacher_weight=args.teacher_blend_weight, prune_amount=args.teacher_prune_amount)

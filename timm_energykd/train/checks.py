@@ -259,6 +259,52 @@ def check_trainer_args(args) -> None:
             and not str(args.teacher).startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
         raise ValueError(f"--teacher: '{args.teacher}' is not a timm model name (see timm.list_models())")
     check_writable_dir(args.output or './output/train', '--output')
+    _check_output_paths(args)
+    _check_teacher_weights(args)
+
+
+def _check_output_paths(args) -> None:
+    """Everything the run writes at its end (cache, export, push) is checked now, not after training."""
+    cache = args.calibration_cache
+    if cache:
+        if os.path.isdir(cache):
+            raise ValueError(f'--calibration-cache: {cache} is a folder; expected a JSON file path')
+        if os.path.isfile(cache):
+            if not os.access(cache, os.R_OK):
+                raise ValueError(f'--calibration-cache: {cache} is not readable')
+        else:
+            check_writable_dir(os.path.dirname(os.path.abspath(cache)), '--calibration-cache')
+    if args.export_hub:
+        export = os.path.abspath(args.export_hub)
+        base = os.path.abspath(args.output or './output/train')
+        if args.experiment and export == os.path.join(base, args.experiment):
+            raise ValueError(f'--export-hub: {args.export_hub} is the run\'s own output folder; export to another '
+                             'folder (the default is <output folder>/hub)')
+        if export == base:
+            raise ValueError(f'--export-hub: {args.export_hub} is the --output folder; choose a folder of its own')
+        if os.path.isdir(export) and any(os.path.exists(os.path.join(export, f)) for f in
+                                         ('summary.csv', 'last.pth.tar', 'model_best.pth.tar')):
+            raise ValueError(f'--export-hub: {args.export_hub} holds a training run; choose an empty or new folder')
+        check_writable_dir(export, '--export-hub')
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as e:
+            raise ValueError(f'--push-to-hub: {args.push_to_hub!r} is not a Hub repo id (expected USER/NAME): '
+                             f'{str(e).splitlines()[0]}') from None
+        if '/' not in args.push_to_hub:
+            raise ValueError(f'--push-to-hub: {args.push_to_hub!r}: expected USER/NAME or ORG/NAME')
+
+
+def _check_teacher_weights(args) -> None:
+    """A teacher without weights would distil from noise: refuse unless the user asks for it by name."""
+    from ..teacher import has_pretrained_weights
+    if args.teacher is None or args.teacher_checkpoint or args.teacher_pretrained is False:
+        return
+    if not has_pretrained_weights(args.teacher):
+        raise ValueError(f'--teacher {args.teacher}: timm has no pretrained weights for it; give '
+                         '--teacher-checkpoint PATH (or --no-teacher-pretrained to distil from a random teacher)')
 
 
 # Up to this many train/val images get their header checked at startup (~1 s for 50k on a local disk); larger

@@ -6,39 +6,44 @@ or an ``args.yaml`` reloaded with ``--config`` interleave their summary rows and
 
 - a default-named folder that exists gets timm's ``-1``, ``-2``... suffix (created atomically with mkdir);
 - a named folder that already holds a run is only written by ``--resume`` of a checkpoint inside it;
-- a lock (``flock``, released by the kernel when the process dies, so a killed run can resume) stops a
-  second live writer with one line.
+- a lock (``flock`` on the folder, released by the kernel when the process dies, so a killed run can
+  resume) stops a second live writer with one line.
 """
 import fcntl
 import os
-from typing import IO, Optional, Tuple
+from typing import Optional, Tuple
 
 __all__ = ['claim_output_dir', 'RUN_FILES']
 
 RUN_FILES = ('summary.csv', 'last.pth.tar', 'model_best.pth.tar')  # args.yaml alone: a run killed before its first epoch
-LOCK_NAME = '.lock'
 
 
 def _holds_run(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)
 
 
-def _lock(path: str) -> IO:
-    f = open(os.path.join(path, LOCK_NAME), 'a+')
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ValueError(f'output folder {path} is in use by another run; wait for it or choose another '
-                         '--experiment') from None
-    f.seek(0)
-    f.truncate()
-    f.write(f'{os.getpid()}\n')
-    f.flush()
-    return f
+class _FolderLock:
+    """An exclusive ``flock`` on the folder itself (no lock file is left in the run's folder)."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ValueError(f'output folder {path} is in use by another run; wait for it or choose another '
+                             '--experiment') from None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        self.close()
 
 
-def claim_output_dir(base: str, name: str, named: bool, resume: Optional[str]) -> Tuple[str, bool, IO]:
+def claim_output_dir(base: str, name: str, named: bool, resume: Optional[str]) -> Tuple[str, bool, '_FolderLock']:
     """Create or reuse ``base/name`` for this run only; returns (path, created, lock file to keep open).
 
     Args:
@@ -66,7 +71,7 @@ def claim_output_dir(base: str, name: str, named: bool, resume: Optional[str]) -
                     raise ValueError(f'--output {base}: 100 folders named {name}-N exist; choose --experiment')
                 candidate = f'{path}-{count}'
         path, created = candidate, True
-    lock = _lock(path)
+    lock = _FolderLock(path)
     if not resuming_here and _holds_run(path):  # another run got here between the check and the lock
         lock.close()
         raise ValueError(f'output folder {path} was taken by another run; choose another --experiment')

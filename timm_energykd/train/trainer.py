@@ -29,12 +29,12 @@ import timm_energykd  # noqa: F401  (registers models and losses)
 from ..calibration import calibrate_or_load
 from ..data import create_train_eval_datasets, dataset_num_classes
 from ..energy_report import energy_bin_report, write_energy_bin_report
-from ..files import DiskWriteError, load_checkpoint_file, trim_summary, write_atomic
+from ..files import DiskWriteError, load_checkpoint_file, write_atomic
 from ..plots import plot_training_curves
 from ..replay import EpochSeededDataset, seed_loader_epoch
 from . import build
 from .args import parse_args
-from .checkpoint import AtomicCheckpointSaver, resume_checkpoint
+from .checkpoint import AtomicCheckpointSaver, resume_checkpoint, trim_summary
 from .checks import check_dataset_images, check_trainer_args, validate_args
 from .identity import run_identity, sha256_file
 from .outdir import claim_output_dir
@@ -209,8 +209,9 @@ def train(args, args_text: str) -> Dict[str, Any]:
         if task.has_ema():
             task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:
-        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None,
-                                 broadcast_buffers=not args.no_ddp_bb)
+        # --no-ddp-bb as in timm; the default is DDP's own (torch 2.14 warns on an explicit broadcast_buffers)
+        ddp_kwargs = dict(broadcast_buffers=False) if args.no_ddp_bb else {}
+        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None, **ddp_kwargs)
 
     # ---- loaders and schedule ----
     loader_train, loader_eval, train_kw = build.create_loaders(
