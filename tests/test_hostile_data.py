@@ -456,7 +456,7 @@ def test_disk_full_at_epoch_1_keeps_epoch_0_and_resume_does_not_repeat_rows(data
         trainer.main(argv)
     run = out / 'run'
     assert load_checkpoint_file(run / 'last.pth.tar')['epoch'] == 0
-    assert sorted(os.listdir(run)) == ['.lock', 'args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar',
+    assert sorted(os.listdir(run)) == ['args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar',
                                        'summary.csv', 'training_curves.png']  # no temp file
     assert [ln.split(',')[0] for ln in (run / 'summary.csv').read_text().splitlines()[1:]] == ['0', '1']
     monkeypatch.setattr(torch, 'save', real_save)  # space freed
