@@ -30,13 +30,51 @@ def test_demo_cli_runs_end_to_end_at_tiny_size(tmp_path, monkeypatch, capsys):
     for key in ('kd', 'energy_kd'):
         assert os.path.isfile(os.path.join(results[key]['output_dir'], 'model_best.pth.tar'))
     assert results['energy_kd']['thresholds'] is not None
-    # the saved student round-trips through timm (hub layout)
+    # stage headers with elapsed time, one per run, and the plain sentence on what the numbers can show
+    for i in (1, 2, 3):
+        assert f'=== demo stage {i}/3:' in out and f'=== demo stage {i}/3 done:' in out
+    assert 's elapsed) ===' in out and demo.CAVEAT in out and 'one seed' in demo.CAVEAT
+    # plain KD does not use the energy temperatures: its row has no low/high or mean-T columns
+    kd_row = next(line for line in out.splitlines() if line.startswith('student, KD '))
+    ekd_row = next(line for line in out.splitlines() if line.startswith('student, Energy KD'))
+    assert '%' not in kd_row and '%' in ekd_row
+    assert len(kd_row.split()[2:]) == 4 and len(ekd_row.split()[3:]) == 7  # model, top-1, top-5, time (+ low/high, T)
+    # the printed load command gives the trained weights: exactly the export's, exactly model_best's
     saved = summary['saved']
-    assert os.path.isfile(os.path.join(saved, 'config.json'))
-    model = timm.create_model(f'local-dir:{saved}')
+    load_line = next(line for line in out.splitlines() if line.startswith('load it with: '))
+    code = load_line[len('load it with: '):]
+    assert "pretrained=True" in code and code == summary['load']
+    scope = {}
+    exec(code.replace('timm.create_model(', 'model = timm.create_model(', 1), scope)
+    model = scope['model']
+    from safetensors.torch import load_file
+    exported = load_file(os.path.join(saved, 'model.safetensors'))
+    from timm_energykd.files import load_checkpoint_file
+    best = load_checkpoint_file(os.path.join(results['energy_kd']['output_dir'], 'model_best.pth.tar'))['state_dict']
+    state = model.state_dict()
+    assert set(state) == set(exported) == set(best)
+    for k, v in state.items():
+        assert torch.equal(v, exported[k]) and torch.equal(v, best[k]), k
     assert model.num_classes == cfg.num_classes
     with torch.no_grad():
-        assert model(torch.randn(2, 3, cfg.img_size, cfg.img_size)).shape == (2, cfg.num_classes)
+        assert model.eval()(torch.randn(2, 3, cfg.img_size, cfg.img_size)).shape == (2, cfg.num_classes)
+    # without pretrained=True timm would build random weights: the check above would fail
+    random = timm.create_model(f'local-dir:{saved}')
+    assert not all(torch.equal(v, random.state_dict()[k]) for k, v in state.items() if v.is_floating_point())
+
+
+def test_format_results_kd_row_without_temperature_columns(tmp_path):
+    class _Task:
+        def __init__(self, energy):
+            self.uses_energy_temperature = energy
+    (tmp_path / 'summary.csv').write_text('epoch,train_frac_low,train_frac_high,train_temp_mean\n0,0.3,0.25,4.06\n')
+    metrics = {'top1': 50.0, 'top5': 90.0}
+    rows = [('student, KD', 'm', dict(eval_metrics=metrics, time_s=1.0, output_dir=str(tmp_path), task=_Task(False))),
+            ('student, Energy KD', 'm', dict(eval_metrics=metrics, time_s=1.0, output_dir=str(tmp_path),
+                                             task=_Task(True)))]
+    table = demo.format_results(rows, 2.0, 10).splitlines()
+    assert table[2].rstrip().endswith('1.0') and '30%/ 25%' in table[3] and table[3].rstrip().endswith('4.06')
+    assert table[-1] == demo.CAVEAT
 
 
 def test_demo_commands_are_valid_trainer_command_lines(tmp_path):

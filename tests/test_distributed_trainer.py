@@ -155,7 +155,8 @@ def test_trainer_under_torchrun_rank0_writes_and_thresholds_match(tiny_run):
     assert os.listdir(out) == ['ddp']  # one folder: rank 1 made none
     names = sorted(os.listdir(run_dir))
     assert names == sorted(['args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar',
-                            'energy_thresholds.json', 'energy_thresholds_he_da.json', 'energy_histogram.png']), names
+                            'energy_thresholds.json', 'energy_thresholds_he_da.json', 'energy_histogram.png',
+                            'training_curves.png', 'energy_bins.csv', 'energy_bins.png']), names
     with open(run_dir / 'summary.csv') as f:
         assert len(f.read().strip().splitlines()) == 2  # header + one epoch row: written once
     ddp_thr = EnergyThresholds.load_json(run_dir / 'energy_thresholds.json')

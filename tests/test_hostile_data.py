@@ -407,7 +407,8 @@ def test_run_outputs_get_the_same_mode_as_checkpoints(base, data, tmp_path):
         trainer.main(_argv(data, out, '--teacher', 'test_resnet', '--teacher-checkpoint', base['teacher'],
                            '--distill-loss', 'energy_kd'))
     run = out / 'run'
-    names = {'args.yaml', 'energy_thresholds.json', 'energy_histogram.png', 'last.pth.tar', 'summary.csv'}
+    names = {'args.yaml', 'energy_thresholds.json', 'energy_histogram.png', 'last.pth.tar', 'summary.csv',
+             'training_curves.png'}
     assert names <= set(os.listdir(run))
     modes = {n: oct(stat.S_IMODE(os.stat(run / n).st_mode)) for n in names}
     assert set(modes.values()) == {'0o644'}, modes
@@ -456,7 +457,7 @@ def test_disk_full_at_epoch_1_keeps_epoch_0_and_resume_does_not_repeat_rows(data
     run = out / 'run'
     assert load_checkpoint_file(run / 'last.pth.tar')['epoch'] == 0
     assert sorted(os.listdir(run)) == ['args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar',
-                                       'summary.csv']  # no temp file
+                                       'summary.csv', 'training_curves.png']  # no temp file
     assert [ln.split(',')[0] for ln in (run / 'summary.csv').read_text().splitlines()[1:]] == ['0', '1']
     monkeypatch.setattr(torch, 'save', real_save)  # space freed
     trainer.main(argv + ['--resume', str(run / 'last.pth.tar')])
@@ -472,8 +473,6 @@ def test_trim_summary_drops_later_rows_and_a_partial_line(tmp_path):
     assert checkpoint.trim_summary(p, 2) == 0 and checkpoint.trim_summary(tmp_path / 'none.csv', 1) == 0
 
 
-@pytest.mark.xfail(strict=True, reason='hub.py (not this module) writes model.safetensors with safetensors (0600) '
-                                       'and chmods the folder 0755; it should call files.apply_umask')
 def test_hub_export_respects_the_umask(tmp_path):
     import timm
     from timm_energykd import hub
@@ -482,6 +481,7 @@ def test_hub_export_respects_the_umask(tmp_path):
         folder = hub.export_for_hub(model, tmp_path / 'hub', run_info={'model': 'test_resnet'})
     modes = {p.name: oct(stat.S_IMODE(os.stat(p).st_mode)) for p in Path(folder).iterdir()}
     assert set(modes.values()) == {'0o644'}, modes
+    assert oct(stat.S_IMODE(os.stat(folder).st_mode)) == '0o755'
 
 
 def test_empty_sub_folder_inside_a_class_with_images_is_ignored(data):

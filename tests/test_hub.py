@@ -155,7 +155,78 @@ def test_model_card_records_run_info(exported):
     # DKD knobs are not shown for a non-DKD loss, nor the gradation policy's for two_bin; no local paths
     assert 'DKD alpha' not in card and 'Gradation bins' not in card and 'Minimum temperature' not in card
     assert '/home/alice' not in card
-    assert "timm.create_model('hf-hub:" in card and 'import timm_energykd' not in card  # native arch
+    # a local export: the usage block loads the folder itself (no hf-hub placeholder), native arch: no plugin
+    assert f"model = timm.create_model('local-dir:{path}', pretrained=True).eval()" in card
+    assert '<user>/<repo>' not in card and 'import timm_energykd' not in card
+    # the re-export command names the class names that this export's config.json holds
+    assert 'python -m timm_energykd.hub export OUTPUT_DIR EXPORT_DIR --label-names config.json' in card
+
+
+def test_card_front_matter_is_a_model_index(exported):
+    from huggingface_hub import ModelCard
+    path, _, _, _ = exported
+    card = ModelCard.load(Path(path) / 'README.md')
+    data = card.data.to_dict()
+    assert data['library_name'] == 'timm' and data['pipeline_tag'] == 'image-classification'
+    assert 'license' not in data  # never chosen for the user
+    assert {'timm', 'knowledge-distillation', 'timm-energykd'} <= set(data['tags'])
+    results = {r.metric_name: r for r in card.data.eval_results}
+    assert results['top-1 accuracy'].metric_value == pytest.approx(61.2345)
+    assert results['top-5 accuracy'].metric_value == pytest.approx(93.5)
+    assert results['top-1 accuracy'].metric_type == 'accuracy'
+    assert results['top-1 accuracy'].dataset_type == RUN_INFO['dataset']
+    assert card.data.model_name
+    card.validate  # noqa: B018  (the card object exists; validating needs the network)
+
+
+def test_card_lists_only_result_shaping_settings():
+    noise = {f'naflex_{i}': i for i in range(20)} | {'workers': 8, 'log_interval': 50, 'pin_mem': True,
+                                                     'output': '/home/alice/out', 'experiment': 'x'}
+    # flags the run's other flags switch off are not listed either (step decay under cosine, AMP dtype without AMP)
+    info = dict(RUN_INFO, momentum=0.9, warmup_epochs=5, smoothing=0.1, decay_epochs=90, decay_milestones=[90, 180],
+                amp=False, amp_dtype='float16', lr_base=0.1, imbalance_seed=0, distill_loss_kwargs={}, **noise)
+    card = hub.build_model_card(info, None, architecture='test_resnet', num_classes=5)
+    for key in noise:
+        assert f'`{key}`' not in card, key
+    assert 'naflex' not in card and '/home/alice' not in card
+    assert 'Other settings' not in card
+    for key in ('decay_epochs', 'decay_milestones', 'amp_dtype', 'lr_base'):
+        assert f'`{key}`' not in card, key
+    assert 'Long-tail subset seed' not in card and 'Loss options' not in card
+    assert '- `momentum`: 0.9\n' in card and '- `warmup_epochs`: 5\n' in card and '- `smoothing`: 0.1\n' in card
+    record = hub.RunRecord.from_run_info(info)
+    assert set(record.settings) <= set(hub.RESULT_SETTINGS) and set(record.recipe) <= set(hub.RECIPE_SETTINGS)
+    assert 'hub_token' not in record.settings and 'hub_token' not in card
+
+
+def test_card_with_hub_repo_and_figures(tmp_path):
+    from PIL import Image
+    model = _train_tiny()
+    curves, bins_png, bins_csv = tmp_path / 'c.png', tmp_path / 'b.png', tmp_path / 'b.csv'
+    Image.new('RGB', (8, 8)).save(curves)
+    Image.new('RGB', (8, 8)).save(bins_png)
+    bins_csv.write_text('bin\n0\n')
+    rows = [dict(bin=0, group='low', energy_low=-12.0, energy_high=-9.5, count=30, teacher_acc=96.6667,
+                 teacher_conf=91.25, student_acc=90.0, student_conf=80.5, agreement=93.3333),
+            dict(bin=1, group='high', energy_low=-9.5, energy_high=-1.0, count=10, teacher_acc=40.0,
+                 teacher_conf=35.0, student_acc=30.0, student_conf=25.0, agreement=50.0)]
+    record = hub.RunRecord.from_run_info(
+        dict(RUN_INFO, push_to_hub='someuser/tiny'), {'top1': 50.0}, energy_bins=rows,
+        figures={'training_curves.png': str(curves), 'energy_bins.png': str(bins_png),
+                 'energy_bins.csv': str(bins_csv)})
+    out = export_for_hub(model, tmp_path / 'e', run_info=dict(RUN_INFO), record=record)
+    assert sorted(p.name for p in out.iterdir()) == sorted(hub.EXPORT_FILES + hub.OPTIONAL_FILES)
+    assert (out / 'training_curves.png').read_bytes() == curves.read_bytes()
+    card = (out / 'README.md').read_text()
+    assert "timm.create_model('hf-hub:someuser/tiny', pretrained=True)" in card and 'local-dir:' not in card
+    assert '![Training curves](training_curves.png)' in card and '![Per-energy-bin report](energy_bins.png)' in card
+    assert '| (-12, -9.5] | 0 | low | 30 | 96.7 | 91.2 | 90.0 | 80.5 | 93.3 |' in card
+    assert '| (-9.5, -1] | 1 | high | 10 | 40.0 | 35.0 | 30.0 | 25.0 | 50.0 |' in card
+    # an export holding the figures is still an earlier export: it may be replaced
+    export_for_hub(model, out, run_info={})
+    assert not (out / 'energy_bins.png').exists()
+    with pytest.raises(ValueError, match='figure'):
+        hub.export_for_hub(model, tmp_path / 'f', record=hub.RunRecord(figures={'x.png': str(curves)}))
 
 
 def test_card_missing_keys_and_no_metrics(tmp_path):
@@ -213,7 +284,7 @@ def test_export_failure_leaves_no_half_folder(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError('disk full')
-    monkeypatch.setattr(hub, 'build_model_card', boom)
+    monkeypatch.setattr(hub.export, 'build_model_card', boom)
     with pytest.raises(RuntimeError, match='disk full'):
         export_for_hub(model, tmp_path / 'e', run_info={})
     assert list(tmp_path.iterdir()) == []
@@ -237,6 +308,8 @@ class _RecordingApi:
         type(self).calls.append(('create_branch', {'repo_id': repo_id, **kwargs}))
 
     def upload_folder(self, **kwargs):
+        staged = Path(kwargs['folder_path'])  # what is uploaded, read while the call runs
+        kwargs['files'] = {p.name: p.read_bytes() for p in staged.iterdir()}
         type(self).calls.append(('upload_folder', kwargs))
         return 'https://huggingface.co/x/y/commit/abc'
 
@@ -265,7 +338,15 @@ def test_push_calls_client(exported, fake_api):
     assert fake_api.calls[1][1]['private'] is True and fake_api.calls[1][1]['exist_ok'] is True
     up = fake_api.calls[3][1]
     assert up['repo_id'] == 'someuser/tiny' and up['revision'] == 'v1' and up['commit_message'] == 'msg'
-    assert Path(up['folder_path']) == Path(path)
+    # the uploaded folder: the export's files, its card loading hf-hub:REPO instead of the local folder
+    assert Path(up['folder_path']) != Path(path) and not Path(up['folder_path']).exists()  # staging removed
+    assert sorted(up['files']) == ['README.md', 'config.json', 'model.safetensors']
+    assert up['files']['model.safetensors'] == (Path(path) / 'model.safetensors').read_bytes()
+    card = up['files']['README.md'].decode()
+    assert "timm.create_model('hf-hub:someuser/tiny', pretrained=True)" in card
+    assert str(path) not in card and 'local-dir:' not in card and 'Share it with' not in card
+    assert f'local-dir:{path}' in (Path(path) / 'README.md').read_text()  # the export is left as it was
+    assert sorted(p.name for p in Path(path).parent.iterdir()) == ['export']
 
 
 def _client_error(kind):
@@ -356,7 +437,8 @@ def test_cli_export_from_training_output(tmp_path, with_ema):
         assert torch.equal(loaded(x), want(x))
     card = (tmp_path / 'exp' / 'README.md').read_text()
     assert '| top-1 (%) | 55.50 |' in card and '| top-5 (%) | 91.25 |' in card and 'at epoch 1' in card
-    assert '- **Low-energy threshold:** -3.5' in card and str(tmp_path) not in card
+    assert '- **Low-energy threshold:** -3.5' in card and str(tmp_path / 'run') not in card
+    assert f"timm.create_model('local-dir:{tmp_path / 'exp'}', pretrained=True)" in card
     assert not [p for p in _all_files(tmp_path / 'exp') if p.name.endswith(PICKLE_SUFFIXES)]
 
 
@@ -370,8 +452,8 @@ def test_cli_export_plain_weights_when_ema_evaluated_drops_metrics(tmp_path):
 
 
 def test_card_usage_imports_plugin_only_for_plugin_architectures():
-    assert not hub._needs_plugin('resnet18')
-    assert hub._needs_plugin('cifar_arch_not_registered_here')
+    assert not hub.needs_plugin('resnet18')
+    assert hub.needs_plugin('cifar_arch_not_registered_here')
     card = hub.build_model_card({}, None, architecture='cifar_arch_not_registered_here', num_classes=10)
     assert 'import timm_energykd' in card
 
@@ -391,3 +473,19 @@ def test_card_policy_and_trainer_he_da_values():
     assert '- **HE-DA high threshold (rate 0.4):** -3.25\n' in card
     assert '- **Gradation bins:** 10\n' in card and '- **Maximum temperature:** 6\n' in card
     assert 'Delta for low-energy' not in card and 'Temperature of low-energy' not in card
+
+
+def test_card_loss_options_declared_by_the_loss(monkeypatch):
+    """Where the losses declare their trainer options (``losses.loss_options``) the card lists exactly those."""
+    import timm_energykd.losses as losses
+    declared = {'wttm': {'wttm_gamma': 'gamma'}, 'dkd': {'dkd_alpha': 'alpha', 'dkd_beta': 'beta', 'dkd_warmup': 'w'}}
+    monkeypatch.setattr(losses, 'loss_options', lambda name: declared.get(name, {}), raising=False)
+    info = dict(RUN_INFO, distill_loss='wttm', wttm_gamma=0.5, unrelated_flag=3)
+    record = hub.RunRecord.from_run_info(info)
+    assert record.loss_options == ('wttm_gamma',) and record.settings['wttm_gamma'] == 0.5
+    assert 'dkd_alpha' not in record.settings and not record.energy_loss and record.temperatures is None
+    card = hub.build_model_card(record, architecture='test_resnet', num_classes=5)
+    assert '- **Loss option `wttm_gamma`:** 0.5\n' in card and 'DKD alpha' not in card and 'unrelated' not in card
+    assert 'Temperature of low-energy' not in card  # wttm uses the fixed temperature
+    card = hub.build_model_card(dict(info, distill_loss='dkd'), None, architecture='test_resnet', num_classes=5)
+    assert '- **DKD beta (NCKD weight):** 8\n' in card and 'wttm_gamma' not in card

@@ -60,8 +60,15 @@ def _summary_row(out, epoch):
         return next(r for r in csv.DictReader(f) if int(r['epoch']) == int(epoch))
 
 
+def _fmt(v):  # the card's number format
+    return f'{v:.6g}' if isinstance(v, float) else str(v)
+
+
 def test_export_layout_and_local_dir_identical_logits(run):
-    assert sorted(p.name for p in run['export'].iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in run['export'].iterdir()) == [
+        'README.md', 'config.json', 'energy_bins.csv', 'energy_bins.png', 'model.safetensors', 'training_curves.png']
+    for name in ('energy_bins.csv', 'energy_bins.png', 'training_curves.png'):  # copies of the run's own files
+        assert (run['export'] / name).read_bytes() == (run['out'] / name).read_bytes(), name
     model = timm.create_model(f"local-dir:{run['export']}", pretrained=True).eval()
     with torch.no_grad():
         assert torch.equal(model(run['x']), run['ref'])
@@ -108,7 +115,7 @@ def test_card_matches_args_yaml_and_summary(run):
     args = yaml.safe_load((run['out'] / 'args.yaml').read_text())
     card = (run['export'] / 'README.md').read_text()
     got = _card_lines(card)
-    fmt = hub._fmt
+    fmt = _fmt
     expected = {
         'Teacher': args['teacher'], 'Distillation loss': args['distill_loss'],
         'KD temperature T': fmt(args['kd_temperature']), 'Energy temperature T_E': fmt(args['energy_temperature']),
@@ -138,17 +145,25 @@ def test_card_matches_args_yaml_and_summary(run):
     assert f"| top-1 (%) | {float(row['eval_top1']):.2f} |" in card
     assert f"| top-5 (%) | {float(row['eval_top5']):.2f} |" in card
     assert f"at epoch {run['best']['epoch']}" in card
-    assert str(run['root']) not in card and 'import timm_energykd' not in card
+    # no local path but the export's own, in the usage block of this local export
+    assert [line for line in card.splitlines() if str(run['root']) in line] == [
+        f"model = timm.create_model('local-dir:{run['export']}', pretrained=True).eval()"]
+    assert 'import timm_energykd' not in card
+    assert 'python -m timm_energykd.hub export OUTPUT_DIR EXPORT_DIR --label-names config.json' in card
 
 
 def test_standalone_cli_export_of_trainer_output(run, tmp_path):
     """`python -m timm_energykd.hub export` reads the real checkpoint (Namespace args, EMA, task state)."""
     assert 'state_dict_ema' in run['best'] and type(run['best'].get('args')).__name__ == 'Namespace'
-    assert hub.main(['export', str(run['out']), str(tmp_path / 'cli')]) == 0
+    # the card's own re-export command: the class names come from the export's config.json
+    assert hub.main(['export', str(run['out']), str(tmp_path / 'cli'),
+                     '--label-names', str(run['export'] / 'config.json')]) == 0
+    assert json.loads((tmp_path / 'cli' / 'config.json').read_text())['label_names'] == \
+        json.loads((run['export'] / 'config.json').read_text())['label_names']
     # auto = the weights the trainer picked its best checkpoint by (plain model; EMA is logged as eval_ema_*)
     a = (tmp_path / 'cli' / 'model.safetensors').read_bytes()
     assert a == (run['export'] / 'model.safetensors').read_bytes()
-    drop = {'Other settings'}
+    drop = set()
     cli, trainer = _card_lines((tmp_path / 'cli' / 'README.md').read_text()), \
         _card_lines((run['export'] / 'README.md').read_text())
     for key in set(trainer) - drop:
@@ -226,7 +241,8 @@ def test_trainer_push_success_passes_private_and_revision(run, tmp_path, monkeyp
     r = run['result']
     train_energykd._export_hub(args, r['task'], str(run['out']), r['eval_metrics'], r['thresholds'], None)
     assert calls == [('init', None), ('create_repo', 'someuser/s', True), ('create_branch', 'v1'),
-                     ('upload_folder', ['README.md', 'config.json', 'model.safetensors'], 'v1')]
+                     ('upload_folder', ['README.md', 'config.json', 'energy_bins.csv', 'energy_bins.png',
+                                        'model.safetensors', 'training_curves.png'], 'v1')]
     assert "hf-hub:someuser/s'" in (tmp_path / 'e' / 'README.md').read_text()
 
 
@@ -406,6 +422,10 @@ def test_readme_first_commands():
     assert fence[0].startswith('pip install -e . && python train_energykd.py --demo')
     assert fence[1].startswith('pip install -e ".[test]" && python -m pytest -q tests')
     assert README.index('```bash') < README.index('## ')  # before any section
+    # beside them, before any section: the CPU-only torch install (no 3 GB of CUDA wheels for the CPU demo)
+    cpu = README.split('```bash\n', 2)[2].split('```', 1)[0].strip()
+    assert cpu == 'pip install torch --index-url https://download.pytorch.org/whl/cpu'
+    assert README.index(cpu) < README.index('## ')
 
 
 def test_readme_library_snippet_runs(capsys, tmp_path, monkeypatch):
@@ -437,3 +457,69 @@ def test_readme_flags_and_links_exist():
     assert not set(missing) - pending, missing
     if missing:
         pytest.skip(f'README links to docs not merged yet: {missing}')
+
+
+def test_run_writes_curves_histogram_and_energy_bins_recomputed(run):
+    """The tiny run's three pictures and the per-bin CSV, each against values recomputed here."""
+    from PIL import Image, ImageChops
+    from timm_energykd.energy import EnergyThresholds, energy_score
+    from timm_energykd.energy_report import ENERGY_BIN_COLUMNS, read_energy_bin_csv
+    from timm_energykd.plots import plot_energy_histogram, plot_training_curves
+    out, tmp = run['out'], run['root'] / 'recomputed'
+    tmp.mkdir(exist_ok=True)
+
+    def same_pixels(a, b):
+        return ImageChops.difference(Image.open(a).convert('RGB'), Image.open(b).convert('RGB')).getbbox() is None
+
+    # training curves: exactly the picture of the final summary.csv (both epochs, every column)
+    plot_training_curves(out / 'summary.csv', tmp / 'curves.png')
+    assert same_pixels(out / 'training_curves.png', tmp / 'curves.png')
+    # histogram: both thresholds of the run and HE-DA's own (rate 0.4)
+    task_state = run['best']['task_state']
+    th = EnergyThresholds.from_dict(task_state['thresholds'])
+    he = EnergyThresholds.from_dict(task_state['he_da_thresholds'])
+    plot_energy_histogram(th, tmp / 'hist.png', title='Teacher (cifar_resnet8) energy, calibration set',
+                          he_da_thresholds=he)
+    assert same_pixels(out / 'energy_histogram.png', tmp / 'hist.png')
+
+    # per-energy-bin CSV: a per-sample loop over the validation images with the final student (last.pth.tar)
+    # and the run's teacher, binned by the calibration's bin edges
+    rows = read_energy_bin_csv(out / 'energy_bins.csv')
+    with open(out / 'energy_bins.csv') as f:
+        assert f.readline().strip().split(',') == list(ENERGY_BIN_COLUMNS)
+    task = run['result']['task']
+    student = timm.create_model('test_resnet', num_classes=4)
+    student.load_state_dict(load_checkpoint_file(out / 'last.pth.tar')['state_dict'])
+    student.eval()
+    args = yaml.safe_load((out / 'args.yaml').read_text())
+    data_config = timm.data.resolve_data_config(args, model=student)
+    dataset = timm.data.create_dataset('', root=run['argv'][0], split='validation')
+    loader = timm.data.create_loader(dataset, input_size=data_config['input_size'], batch_size=1, is_training=False,
+                                     use_prefetcher=False, interpolation=data_config['interpolation'],
+                                     crop_pct=data_config['crop_pct'], mean=data_config['mean'], std=data_config['std'])
+    bounds = [float('-inf')] + list(th.bin_edges) + [float('inf')]
+    per_bin = [[] for _ in range(len(bounds) - 1)]
+    with torch.no_grad():
+        for x, y in loader:
+            t, s_ = task.teacher_logits(x)[0], student(x)[0]
+            e = float(energy_score(t[None], 2.0))
+            b = next(i for i in range(len(per_bin)) if bounds[i] < e <= bounds[i + 1])
+            per_bin[b].append((int(t.argmax()), int(s_.argmax()), int(y), float(t.softmax(0).max()),
+                               float(s_.softmax(0).max())))
+    assert [r['count'] for r in rows] == [len(m) for m in per_bin] and sum(len(m) for m in per_bin) == 16
+    for r, members in zip(rows, per_bin):
+        if not members:
+            assert r['teacher_acc'] is None
+            continue
+        n = len(members)
+        assert r['teacher_acc'] == pytest.approx(100 * sum(tp == y for tp, _, y, _, _ in members) / n)
+        assert r['student_acc'] == pytest.approx(100 * sum(sp == y for _, sp, y, _, _ in members) / n)
+        assert r['agreement'] == pytest.approx(100 * sum(tp == sp for tp, sp, _, _, _ in members) / n)
+        assert r['teacher_conf'] == pytest.approx(100 * sum(m[3] for m in members) / n, abs=1e-3)
+        assert r['student_conf'] == pytest.approx(100 * sum(m[4] for m in members) / n, abs=1e-3)
+    assert rows[0]['group'] == 'low' and rows[-1]['group'] == 'high'
+    # the card quotes the table and links both figures
+    card = (run['export'] / 'README.md').read_text()
+    assert '![Training curves](training_curves.png)' in card and '![Per-energy-bin report](energy_bins.png)' in card
+    first = rows[0]
+    assert f"| {first['group']} | {first['count']} |" in card

@@ -28,7 +28,9 @@ from timm.utils.model import unwrap_model
 import timm_energykd  # noqa: F401  (registers models and losses)
 from ..calibration import calibrate_or_load
 from ..data import create_train_eval_datasets, dataset_num_classes
+from ..energy_report import energy_bin_report, write_energy_bin_report
 from ..files import DiskWriteError, load_checkpoint_file, write_atomic
+from ..plots import plot_training_curves
 from ..replay import EpochSeededDataset, seed_loader_epoch
 from . import build
 from .args import parse_args
@@ -116,11 +118,12 @@ def calibrate(args, task, dataset_train, train_kw, output_dir, precision, device
     return cal.thresholds
 
 
-def write_energy_plot(thresholds, path: str, teacher: str) -> None:
+def write_energy_plot(thresholds, path: str, teacher: str, he_da_thresholds=None) -> None:
     """Histogram of the teacher's calibration energies with both thresholds (skipped without a histogram)."""
     from ..plots import plot_energy_histogram
     try:
-        plot_energy_histogram(thresholds, path, title=f'Teacher ({teacher}) energy, calibration set')
+        plot_energy_histogram(thresholds, path, title=f'Teacher ({teacher}) energy, calibration set',
+                              he_da_thresholds=he_da_thresholds)
     except (ValueError, KeyError, TypeError) as e:  # e.g. thresholds from an old cache without a histogram
         _logger.warning(f'No energy histogram written: {e}')
 
@@ -241,7 +244,8 @@ def train(args, args_text: str) -> Dict[str, Any]:
     # ---- energy thresholds (paper: one teacher pass over the train set before training) ----
     thresholds = calibrate(args, task, dataset_train, train_kw, output_dir, precision, device)
     if thresholds is not None and args.rank == 0:
-        write_energy_plot(thresholds, os.path.join(output_dir, 'energy_histogram.png'), args.teacher)
+        write_energy_plot(thresholds, os.path.join(output_dir, 'energy_histogram.png'), args.teacher,
+                          getattr(task, 'he_da_thresholds', None))
 
     # ---- checkpoints ----
     saver = None
@@ -305,6 +309,7 @@ def train(args, args_text: str) -> Dict[str, Any]:
             update_summary(epoch, train_metrics, eval_metrics, filename=summary_path, lr=sum(lrs) / len(lrs),
                            write_header=not os.path.exists(summary_path))
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
+            plot_training_curves(summary_path, os.path.join(output_dir, 'training_curves.png'))
             done = epoch + 1 - start_epoch
             eta = (time.time() - t_loop) / done * (num_epochs - epoch - 1)
             _logger.info(f'Epoch {epoch} done in {_format_seconds(train_metrics["epoch_time"])}; '
@@ -317,6 +322,14 @@ def train(args, args_text: str) -> Dict[str, Any]:
     if args.rank == 0:
         if best_metric is not None:
             _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+        if teacher is not None and loader_eval is not None:  # where did distillation help? (per energy bin)
+            # rank 0 alone: the unwrapped student, so no DDP collective runs on one rank
+            rows = energy_bin_report(task.teacher_logits, unwrap_model(task.get_eval_model()), loader_eval,
+                                     thresholds=thresholds,
+                                     energy_temperature=args.energy_temperature, device=device,
+                                     amp_autocast=precision.autocast)
+            paths = write_energy_bin_report(rows, output_dir)
+            _logger.info(f'Per-energy-bin report (validation set): {paths[0]}, {paths[1]}')
         _export_hub(args, task, output_dir, eval_metrics, thresholds, dataset_train)
     return result
 
@@ -345,7 +358,8 @@ def _export_hub(args, task, output_dir, eval_metrics, thresholds, dataset_train)
     if classes and len(classes) == args.num_classes:
         label_names = [c for c, _ in sorted(classes.items(), key=lambda kv: kv[1])]
     folder = args.export_hub or os.path.join(output_dir, 'hub')
-    hub.export_for_hub(model, folder, run_info=run_info, metrics=metrics, label_names=label_names,
+    record = hub.record_for_output(run_info, metrics, output_dir)  # + the curves and per-energy-bin report
+    hub.export_for_hub(model, folder, run_info=run_info, record=record, label_names=label_names,
                        data_config=getattr(args, '_data_config', None))
     _logger.info(f'Exported the student for the Hub to {folder}')
     if args.push_to_hub:
