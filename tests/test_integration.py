@@ -19,6 +19,7 @@ import torch
 import timm
 import yaml
 
+from timm_energykd.train import finish as train_finish
 from timm_energykd.train import trainer as train_energykd
 from timm_energykd import hub
 from timm_energykd.train.args import parse_args
@@ -202,7 +203,7 @@ def test_trainer_push_failure_keeps_export_and_never_leaks_token(run, tmp_path, 
     r = run['result']
     caplog.set_level(logging.DEBUG)
     with pytest.raises(hub.HubPushError, match='someuser/energykd-student.*ConnectError.*local export kept'):
-        train_energykd._export_hub(args, r['task'], str(run['out']), r['eval_metrics'], r['thresholds'], None)
+        train_finish.export_hub(args, r['task'], str(run['out']), r['eval_metrics'], r['thresholds'], None)
     # the export written before the push is complete and loads
     model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     with torch.no_grad():
@@ -239,7 +240,7 @@ def test_trainer_push_success_passes_private_and_revision(run, tmp_path, monkeyp
     args, _ = parse_args(run['argv'] + ['--export-hub', str(tmp_path / 'e'), '--push-to-hub', 'someuser/s',
                                         '--hub-private', '--hub-revision', 'v1'])
     r = run['result']
-    train_energykd._export_hub(args, r['task'], str(run['out']), r['eval_metrics'], r['thresholds'], None)
+    train_finish.export_hub(args, r['task'], str(run['out']), r['eval_metrics'], r['thresholds'], None)
     assert calls == [('init', None), ('create_repo', 'someuser/s', True), ('create_branch', 'v1'),
                      ('upload_folder', ['README.md', 'config.json', 'energy_bins.csv', 'energy_bins.png',
                                         'model.safetensors', 'training_curves.png'], 'v1')]

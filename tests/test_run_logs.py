@@ -57,7 +57,7 @@ def test_plain_training_lines_have_timms_shape(runs, caplog):
     assert [_shape(m) for m in best] == [_shape(TIMM_LINES['best'])]
     assert f"({r['best_epoch']})" in best[0].replace('epoch ', '')
     eta = [m for m in msgs if 'ETA' in m]
-    assert len(eta) == 2 and 'epochs left' in eta[0]
+    assert len(eta) == 2 and '1 epoch left, ETA' in eta[0] and '0 epochs left, ETA 0:00:00' in eta[1]
 
 
 def test_distillation_lines_start_with_timms_fields(runs, caplog):

@@ -6,13 +6,12 @@ A trainer's ``vars(args)`` holds ~200 keys, most of which do not change the weig
 the library's public API: whether the loss uses the energy temperatures (``uses_energy_temperature``),
 the temperatures the policy applies (``create_temperature_policy``), and the loss's own options.
 """
-import inspect
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ['RunRecord', 'RESULT_SETTINGS', 'RECIPE_SETTINGS', 'public_value']
 
@@ -94,28 +93,12 @@ def _recipe_in_use(recipe: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str
     return {k: v for k, v in recipe.items() if k not in unused}
 
 
-def _declared_options(name: str) -> Optional[Tuple[str, ...]]:
-    """Trainer flags the loss declares as its options (``losses.loss_options``), None where that API is absent."""
-    try:  # the losses package declares its options; older trees (no such function) fall back below
-        from ..losses import loss_options
-    except ImportError:
-        return None
-    return tuple(loss_options(name))
-
-
 def _loss_facts(name: Optional[str]):
     """(uses energy temperatures, the trainer flags the loss takes as options) from the public registry."""
-    from ..losses import create_distill_loss, is_distill_loss, uses_energy_temperature
+    from ..losses import is_distill_loss, loss_options, uses_energy_temperature
     if not name or not is_distill_loss(name):
         return ('energy' in str(name or '').lower()), ()
-    options = _declared_options(name)
-    if options is None:  # no declarations: the DKD flags go to a loss whose constructor takes all three
-        try:
-            params = inspect.signature(type(create_distill_loss(name))).parameters
-        except Exception:  # a loss that needs arguments to build: its options are unknown here
-            params = {}
-        options = tuple(flag for flag, _ in _DKD_OPTIONS if all(a in params for _, a in _DKD_OPTIONS))
-    return uses_energy_temperature(name), options
+    return uses_energy_temperature(name), tuple(loss_options(name))
 
 
 def _group_temperatures(s: Dict[str, Any]) -> Optional[Dict[str, Any]]:

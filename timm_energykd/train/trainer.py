@@ -29,13 +29,14 @@ import timm_energykd  # noqa: F401  (registers models and losses)
 from ..calibration import calibrate_or_load
 from ..data import create_train_eval_datasets, dataset_num_classes
 from ..energy_report import energy_bin_report, write_energy_bin_report
-from ..files import DiskWriteError, load_checkpoint_file, write_atomic
+from ..files import DiskWriteError, write_atomic
 from ..plots import plot_training_curves
 from ..replay import EpochSeededDataset, seed_loader_epoch
 from . import build
 from .args import parse_args
 from .checkpoint import AtomicCheckpointSaver, resume_checkpoint, trim_summary
 from .checks import check_dataset_images, check_trainer_args, validate_args
+from .finish import export_hub
 from .identity import run_identity, sha256_file
 from .outdir import claim_output_dir
 from .loop import NonFiniteError, train_one_epoch, validate
@@ -312,8 +313,9 @@ def train(args, args_text: str) -> Dict[str, Any]:
             plot_training_curves(summary_path, os.path.join(output_dir, 'training_curves.png'))
             done = epoch + 1 - start_epoch
             eta = (time.time() - t_loop) / done * (num_epochs - epoch - 1)
+            left = num_epochs - epoch - 1
             _logger.info(f'Epoch {epoch} done in {_format_seconds(train_metrics["epoch_time"])}; '
-                         f'{num_epochs - epoch - 1} epochs left, ETA {_format_seconds(eta)}')
+                         f'{left} epoch{"" if left == 1 else "s"} left, ETA {_format_seconds(eta)}')
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, latest_metric)
 
@@ -330,45 +332,8 @@ def train(args, args_text: str) -> Dict[str, Any]:
                                      amp_autocast=precision.autocast)
             paths = write_energy_bin_report(rows, output_dir)
             _logger.info(f'Per-energy-bin report (validation set): {paths[0]}, {paths[1]}')
-        _export_hub(args, task, output_dir, eval_metrics, thresholds, dataset_train)
+        export_hub(args, task, output_dir, eval_metrics, thresholds, dataset_train)
     return result
-
-
-def _export_hub(args, task, output_dir, eval_metrics, thresholds, dataset_train) -> None:
-    """--export-hub DIR / --push-to-hub REPO at the end of training (best weights when a best exists)."""
-    if not (args.export_hub or args.push_to_hub):
-        return
-    from timm_energykd import hub
-    model = unwrap_model(task.get_trainable_module())
-    best = os.path.join(output_dir, 'model_best.pth.tar')
-    metrics = eval_metrics or None
-    if os.path.isfile(best):
-        state = load_checkpoint_file(best, flag='model_best')
-        model.load_state_dict(state['state_dict'])
-        # the card records the best epoch's numbers (the exported weights), not the last epoch's
-        metrics = hub.read_summary_metrics(os.path.join(output_dir, 'summary.csv'), state.get('epoch')) or metrics
-    run_info = {k: v for k, v in vars(args).items() if not k.startswith('_')}
-    if thresholds is not None:
-        run_info['thresholds'] = thresholds.to_dict() if hasattr(thresholds, 'to_dict') else thresholds
-    he_thresholds = getattr(task, 'he_da_thresholds', None)
-    if he_thresholds is not None:
-        run_info['he_da_thresholds'] = he_thresholds.to_dict()
-    label_names = None
-    classes = getattr(getattr(dataset_train, 'reader', None), 'class_to_idx', None)
-    if classes and len(classes) == args.num_classes:
-        label_names = [c for c, _ in sorted(classes.items(), key=lambda kv: kv[1])]
-    folder = args.export_hub or os.path.join(output_dir, 'hub')
-    record = hub.record_for_output(run_info, metrics, output_dir)  # + the curves and per-energy-bin report
-    hub.export_for_hub(model, folder, run_info=run_info, record=record, label_names=label_names,
-                       data_config=getattr(args, '_data_config', None))
-    _logger.info(f'Exported the student for the Hub to {folder}')
-    if args.push_to_hub:
-        try:
-            url = hub.push_to_hub(folder, args.push_to_hub, private=args.hub_private, revision=args.hub_revision)
-        except hub.HubPushError as e:  # the run's outputs and the export are on disk: say how to retry
-            _logger.error(f'{e}. Retry with: python -m timm_energykd.hub push {folder} {args.push_to_hub}')
-            raise
-        _logger.info(f'Pushed to {url}')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
