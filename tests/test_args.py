@@ -171,18 +171,18 @@ def test_valid_commands_pass(data_dir):
 
 
 @pytest.mark.parametrize('extra,message', [
-    (('--energy-rate', '0.7'), '--energy-rate must be in (0, 0.5], got 0.7'),
-    (('--energy-rate', '0'), '--energy-rate must be in (0, 0.5], got 0.0'),
-    (('--he-da-rate', '0.6'), '--he-da-rate must be in (0, 0.5], got 0.6'),
-    (('--gradation-bins', '1'), '--gradation-bins must be >= 2, got 1'),
+    (('--energy-rate', '0.7'), '--energy-rate: energy_rate=0.7 is out of range; expected 0 < energy_rate <= 0.5'),
+    (('--energy-rate', '0'), '--energy-rate: energy_rate=0.0 is out of range'),
+    (('--he-da-rate', '0.6'), '--he-da-rate: he_da_rate=0.6 is out of range; expected 0 < he_da_rate <= 0.5'),
+    (('--gradation-bins', '1'), '--gradation-bins: num_bins=1; gradation needs at least 2 bins'),
     (('--kd-temperature', '0'), '--kd-temperature must be > 0, got 0.0'),
-    (('--temp-delta-high', '-4'), '--kd-temperature + --temp-delta-high must be > 0, got 4.0 + (-4.0) = 0.0'),
-    (('--temp-delta-low', '-5'), '--kd-temperature + --temp-delta-low must be > 0'),
-    (('--temp-low', '-1'), '--temp-low must be > 0, got -1.0'),
-    (('--temp-high', '0'), '--temp-high must be > 0, got 0.0'),
-    (('--temp-min', '0'), '--temp-min must be > 0, got 0.0'),
-    (('--temp-max', '-1', '--temp-min', '-2'), '--temp-min must be > 0'),
-    (('--temp-min', '7'), '--temp-min must be <= --temp-max, got 7.0 > 6.0'),
+    (('--temp-delta-high', '-4'), '--temp-delta-high: delta_high=-4.0 (base + delta_high = 0.0) gives a high-energy temperature <= 0'),
+    (('--temp-delta-low', '-5'), '--temp-delta-low: delta_low=-5.0 (base + delta_low = -1.0) gives a low-energy temperature <= 0'),
+    (('--temp-low', '-1'), '--temp-low: low_temperature=-1.0 gives a low-energy temperature <= 0'),
+    (('--temp-high', '0'), '--temp-high: high_temperature=0.0 gives a high-energy temperature <= 0'),
+    (('--temp-min', '0'), '--temp-min: t_min=0.0; every temperature must be > 0'),
+    (('--temp-max', '-1', '--temp-min', '-2'), '--temp-min: t_min=-2.0; every temperature must be > 0'),
+    (('--temp-min', '7'), '--temp-min: t_min=7.0 is larger than t_max=6.0'),
     (('--energy-temperature', '0'), '--energy-temperature must be > 0, got 0.0'),
     (('--distill-loss', 'no_such_loss'), "--distill-loss 'no_such_loss' is unknown; expected one of:"),
     (('--kd-model-name', 'resnet34'), "--teacher and --kd-model-name name different teachers ('resnet50' vs 'resnet34')"),
@@ -191,7 +191,7 @@ def test_valid_commands_pass(data_dir):
     (('--he-da', 'cutmix', '--batch-size', '1'), '--he-da needs --batch-size >= 2'),
     (('--he-da', 'mixup', '--mixup', '0.8'), '--he-da cannot be combined with timm --mixup'),
     (('--running-momentum', '1'), '--running-momentum must be in [0, 1)'),
-    (('--he-da-alpha', '0'), '--he-da-alpha must be > 0'),
+    (('--he-da-alpha', '0'), '--he-da-alpha: alpha=0.0; the Beta distribution needs alpha > 0'),
     (('--dkd-beta', '-1'), '--dkd-beta must be >= 0'),
     (('--dkd-warmup', '-1'), '--dkd-warmup must be >= 0'),
 ])
@@ -204,7 +204,7 @@ def test_validate_errors(data_dir, extra, message):
 def test_policy_temperatures_checked_only_for_energy_losses(data_dir):
     # KD+LS's recipe (T = 2): the default T(-) = -2 would give a policy temperature of 0, but kd_ls never uses it
     C.validate_args(valid(data_dir, '--distill-loss', 'kd_ls', '--kd-temperature', '2'))
-    with pytest.raises(ValueError, match=r'--kd-temperature \+ --temp-delta-high must be > 0, got 2.0'):
+    with pytest.raises(ValueError, match=r'--temp-delta-high: delta_high=-2.0 \(base \+ delta_high = 0.0\)'):
         C.validate_args(valid(data_dir, '--distill-loss', 'energy_kd_ls', '--kd-temperature', '2'))
 
 

@@ -51,13 +51,13 @@ def _refused(env, argv, exc, match, exp):
 # ---- flags -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('bad,match', [
-    (['--energy-rate', '0.7'], r'--energy-rate must be in \(0, 0.5\], got 0.7'),
-    (['--energy-rate', '0'], r'--energy-rate must be in \(0, 0.5\], got 0.0'),
-    (['--temp-policy', 'gradation', '--gradation-bins', '1'], '--gradation-bins must be >= 2, got 1'),
+    (['--energy-rate', '0.7'], r'--energy-rate: energy_rate=0.7 is out of range; expected 0 < energy_rate <= 0.5'),
+    (['--energy-rate', '0'], r'--energy-rate: energy_rate=0.0 is out of range'),
+    (['--temp-policy', 'gradation', '--gradation-bins', '1'], '--gradation-bins: num_bins=1; gradation needs at least 2 bins'),
     (['--kd-temperature', '0'], '--kd-temperature must be > 0, got 0.0'),
     (['--kd-temperature', '1', '--temp-delta-high', '-2'],
-     r'--kd-temperature \+ --temp-delta-high must be > 0, got 1.0 \+ \(-2.0\) = -1.0'),
-    (['--temp-policy', 'gradation', '--temp-min', '-1'], '--temp-min must be > 0, got -1.0'),
+     r'--temp-delta-high: delta_high=-2.0 \(base \+ delta_high = -1.0\) gives a high-energy temperature <= 0'),
+    (['--temp-policy', 'gradation', '--temp-min', '-1'], '--temp-min: t_min=-1.0; every temperature must be > 0'),
     (['--distill-loss', 'nope'], "--distill-loss 'nope' is unknown; expected one of: .*energy_kd"),
     (['--he-da', 'cutmix', '--batch-size', '1'], r'--he-da needs --batch-size >= 2 \(it mixes pairs of samples\), got 1'),
     (['--distill-loss', 'rekd', '--distill-loss-kwargs', 'k=5'],
@@ -228,5 +228,5 @@ def test_cli_prints_one_line(env):
     r = subprocess.run([sys.executable, str(REPO / 'train_energykd.py')] + env['distill'] +
                        ['--energy-rate', '0.7', '--experiment', 'cli'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == 'train_energykd.py: error: --energy-rate must be in (0, 0.5], got 0.7'
+    assert r.stderr.strip().splitlines()[-1] == 'train_energykd.py: error: --energy-rate: energy_rate=0.7 is out of range; expected 0 < energy_rate <= 0.5'
     assert not (env['out'] / 'cli').exists()

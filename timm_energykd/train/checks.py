@@ -8,6 +8,7 @@ import argparse
 import logging
 import math
 import os
+import re
 from typing import Dict, List, Optional
 
 import timm
@@ -79,27 +80,51 @@ def _known_losses() -> List[str]:
     return losses.list_distill_losses()
 
 
-def _check_policy_temperatures(g, base: float) -> None:
-    """Every temperature the energy policy can produce must be > 0 (only for losses that use the policy)."""
-    for explicit, delta in (('temp_low', 'temp_delta_low'), ('temp_high', 'temp_delta_high')):
-        t = g(explicit)
-        if t is not None:
-            if not t > 0:
-                raise ValueError(f'{_flag(explicit)} must be > 0, got {t}')
-        else:
-            d = g(delta, 0.0)
-            if not base + d > 0:
-                raise ValueError(
-                    f'--kd-temperature + {_flag(delta)} must be > 0, got {base} + ({d}) = {base + d}')
-    t_min, t_max = g('temp_min', 2.0), g('temp_max', 6.0)
-    for name, t in (('temp_min', t_min), ('temp_max', t_max)):
-        if not t > 0:
-            raise ValueError(f'{_flag(name)} must be > 0, got {t}')
-    if t_min > t_max:
-        raise ValueError(f'--temp-min must be <= --temp-max, got {t_min} > {t_max}')
-    bins = g('gradation_bins', 10)
-    if bins < 2:
-        raise ValueError(f'--gradation-bins must be >= 2, got {bins}')
+# The library's own checks, reported with the flag names: constructor argument -> flag.
+_POLICY_FLAGS = {'base': '--kd-temperature', 'delta_low': '--temp-delta-low', 'delta_high': '--temp-delta-high',
+                 'low_temperature': '--temp-low', 'high_temperature': '--temp-high', 't_min': '--temp-min',
+                 't_max': '--temp-max', 'num_bins': '--gradation-bins', 'direction': '--temp-direction',
+                 'rule': '--energykd-rules'}
+_MIXER_FLAGS = {'mode': '--he-da', 'alpha': '--he-da-alpha', 'selection': '--he-da-selection', 'rate': '--he-da-rate',
+                'rule': '--energykd-rules'}
+_RATE_FLAGS = {'energy_rate': '--energy-rate', 'he_da_rate': '--he-da-rate'}
+
+
+def _built_by_library(what: str, build, flags: Dict[str, str]):
+    """Build a library object from flag values; its ValueError becomes one line naming the flag."""
+    try:
+        return build()
+    except ValueError as e:
+        msg = str(e).strip().splitlines()[0]
+        key = re.match(r"(\w+)=", msg)
+        flag = flags.get(key.group(1)) if key else None
+        raise ValueError(f'{flag or what}: {msg}') from None
+
+
+def _check_policies(g) -> None:
+    """Both temperature policies as the task would build them (every flag of either must be usable)."""
+    from ..temperature import create_temperature_policy
+    rule = g('energykd_rules', 'paper')
+    _built_by_library('--temp-policy two_bin', lambda: create_temperature_policy(
+        'two_bin', base=g('kd_temperature', 4.0), delta_low=g('temp_delta_low', 2.0),
+        delta_high=g('temp_delta_high', -2.0), direction=g('temp_direction', 'paper'),
+        low_temperature=g('temp_low'), high_temperature=g('temp_high'), rule=rule), _POLICY_FLAGS)
+    _built_by_library('--temp-policy gradation', lambda: create_temperature_policy(
+        'gradation', t_min=g('temp_min', 2.0), t_max=g('temp_max', 6.0), num_bins=g('gradation_bins', 10),
+        direction=g('temp_direction', 'paper')), _POLICY_FLAGS)
+
+
+def _check_mixer(g) -> None:
+    """HE-DA's mixer as the trainer builds it, and its selection rate as a threshold rate."""
+    from ..energy import check_rate
+    from ..mixing import HighEnergyMix
+    _built_by_library('--he-da-rate', lambda: check_rate(g('he_da_rate', 0.3), name='he_da_rate'), _RATE_FLAGS)
+    mode = g('he_da', 'off')
+    selection = g('he_da_selection', 'threshold')
+    _built_by_library('--he-da', lambda: HighEnergyMix(
+        mode=mode if mode != 'off' else 'cutmix', alpha=g('he_da_alpha', 1.0), selection=selection,
+        rate=g('he_da_rate', 0.3) if selection == 'topk' else None, rule=g('energykd_rules', 'paper')),
+        _MIXER_FLAGS)
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -124,9 +149,8 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--teacher and --kd-model-name name different teachers ('{teacher}' vs '{kd_name}'); give one of them")
     teacher = teacher or kd_name
 
-    rate = g('energy_rate', 0.2)
-    if not _in_half_open(rate, 0.0, 0.5):
-        raise ValueError(f'--energy-rate must be in (0, 0.5], got {rate}')
+    from ..energy import check_rate
+    _built_by_library('--energy-rate', lambda: check_rate(g('energy_rate', 0.2), name='energy_rate'), _RATE_FLAGS)
     t_e = g('energy_temperature', 4.0)
     if not t_e > 0:
         raise ValueError(f'--energy-temperature must be > 0, got {t_e}')
@@ -142,7 +166,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--kd-temperature must be > 0, got {base}')
     from ..losses import uses_energy_temperature
     if loss is None or uses_energy_temperature(loss):
-        _check_policy_temperatures(g, base)
+        _check_policies(g)
     mom = g('running_momentum', 0.9)
     if not 0.0 <= mom < 1.0:
         raise ValueError(f'--running-momentum must be in [0, 1), got {mom}')
@@ -157,11 +181,7 @@ def validate_args(args: argparse.Namespace) -> None:
                              f"--he-da-selection {g('he_da_selection')} is ours")
 
     he_da = g('he_da', 'off')
-    he_rate = g('he_da_rate', 0.3)
-    if not _in_half_open(he_rate, 0.0, 0.5):
-        raise ValueError(f'--he-da-rate must be in (0, 0.5], got {he_rate}')
-    if not g('he_da_alpha', 1.0) > 0:
-        raise ValueError(f"--he-da-alpha must be > 0, got {g('he_da_alpha')}")
+    _check_mixer(g)
     if not g('he_da_weight', 1.0) >= 0:
         raise ValueError(f"--he-da-weight must be >= 0, got {g('he_da_weight')}")
     if he_da != 'off':
