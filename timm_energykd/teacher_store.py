@@ -147,6 +147,10 @@ def _rows(packed: Dict[str, torch.Tensor], rows: torch.Tensor, fmt: Dict[str, An
 # the store on disk
 # ------------------------------------------------------------------------------------------------------------
 
+def _size(n: float) -> str:
+    return f'{n / 1e9:.2f} GB' if n >= 1e8 else f'{n / 1e6:.3f} MB'
+
+
 def _short(v: Any) -> str:
     s = json.dumps(v, default=str)
     return s if len(s) <= 40 else s[:37] + '...'
@@ -543,14 +547,14 @@ def setup_teacher_cache(args, dataset_train) -> Optional[TeacherCacheSource]:
     os.makedirs(store.root, exist_ok=True)
     free = shutil.disk_usage(store.root).free
     if args.rank == 0:
-        _logger.info(f'Recording teacher outputs to {store.root}: about {need / 1e9:.3f} GB '
+        _logger.info(f'Recording teacher outputs to {store.root}: about {_size(need)} '
                      f'({args.teacher_cache_dtype}{f", top-{args.teacher_cache_topk}" if args.teacher_cache_topk else ""}), '
-                     f'{free / 1e9:.1f} GB free')
+                     f'{_size(free)} free')
     if args.teacher_cache_limit_gb is not None and need > args.teacher_cache_limit_gb * 1e9:
-        raise ValueError(f'--teacher-cache {store.root}: the store needs about {need / 1e9:.3f} GB, above '
+        raise ValueError(f'--teacher-cache {store.root}: the store needs about {_size(need)}, above '
                          f'--teacher-cache-limit-gb {args.teacher_cache_limit_gb}; use float16 or --teacher-cache-topk')
     if need > free:
-        raise ValueError(f'--teacher-cache {store.root}: the store needs about {need / 1e9:.3f} GB, the disk has '
-                         f'{free / 1e9:.3f} GB free')
+        raise ValueError(f'--teacher-cache {store.root}: the store needs about {_size(need)}, the disk has '
+                         f'{_size(free)} free')
     store.write_meta()
     return TeacherCacheSource(store, 'record', args.seed)
