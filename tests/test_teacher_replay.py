@@ -195,3 +195,20 @@ def test_topk_replay_runs_with_exact_energies(setup, ref, monkeypatch):
     # epoch 0: same student before the first step, same energies: energy_mean and the group shares agree
     for k in ('train_energy_mean', 'train_frac_low', 'train_frac_high'):
         assert float(got[0][k]) == pytest.approx(float(want[0][k]), rel=1e-5), k
+
+
+def test_interrupted_recording_resumes_and_records_only_what_is_missing(setup, ref, monkeypatch):
+    """A recording stopped after epoch 0 (its shard on disk, no completion marker): the next run records
+    epoch 1 only, the store becomes complete, and its replay is the same student."""
+    import shutil
+    cache = str(setup['root'] / 'cache-partial')
+    shutil.copytree(ref['cache'], cache)
+    os.remove(os.path.join(cache, 'rank0', 'epoch00001.pt'))
+    os.remove(os.path.join(cache, 'rank0', 'complete.json'))
+    epoch0 = os.stat(os.path.join(cache, 'rank0', 'epoch00000.pt')).st_mtime_ns
+    trainer.main(_argv(setup, 'partial-rec', *CASES['energy_kd'], '--teacher-cache', cache))
+    assert os.stat(os.path.join(cache, 'rank0', 'epoch00000.pt')).st_mtime_ns == epoch0  # not rewritten
+    assert os.path.isfile(os.path.join(cache, 'rank0', 'complete.json'))
+    _no_teacher(monkeypatch)
+    r = trainer.main(_argv(setup, 'partial-replay', *CASES['energy_kd'], '--teacher-cache', cache))
+    _assert_identical(ref['replay'], r['output_dir'])

@@ -299,7 +299,7 @@ class TeacherCacheSource:
         self._mix: List[Dict[str, torch.Tensor]] = []
         self._mix_step: List[int] = []
         self._shard: Optional[Dict[str, Any]] = None
-        self._pos: Optional[torch.Tensor] = None
+        self._offsets: List[int] = []
         self._dtype = torch.float32
 
     @property
@@ -319,10 +319,8 @@ class TeacherCacheSource:
         self._recording = self.mode == 'record' and not self.store.has_shard(epoch)
         if self.replay:
             self._shard = self.store.load_shard(epoch)
-            idx = self._shard['indices']
-            self._pos = {}
-            for row, i in enumerate(idx.tolist()):
-                self._pos.setdefault(i, row)  # a repeated index (padding) has the same logits: first row
+            # rows are in step order; each step's indices are checked against the sampler's batch on use
+            self._offsets = np.concatenate([[0], np.cumsum([len(b) for b in self._batches])]).tolist()
             self._mix_rows = {}
             off = 0
             for s, n in zip(self._shard['mix_steps'].tolist(), self._shard['mix_counts'].tolist()):
@@ -387,11 +385,13 @@ class TeacherCacheSource:
         fmt = self.store.fmt
         dtype = getattr(torch, self._shard.get('logits_dtype', 'float32'))
         if kind == 'main':
-            try:
-                rows = torch.tensor([self._pos[i] for i in self._batches[self._step]], dtype=torch.long)
-            except KeyError as e:
-                raise RuntimeError(f'teacher cache: sample {e} of epoch {self._epoch} step {self._step} is not in '
-                                   'the store') from None
+            off, end = self._offsets[self._step], self._offsets[self._step + 1]
+            want = torch.tensor(self._batches[self._step], dtype=torch.int64)
+            got = self._shard['indices'][off:end]
+            if not torch.equal(got, want) or want.numel() != input.shape[0]:
+                raise RuntimeError(f'teacher cache: epoch {self._epoch} step {self._step} loads other samples than '
+                                   'the recording run did (sampler order or batch size differs)')
+            rows = torch.arange(off, end)
             logits, energy = _rows(self._shard['main'], rows, fmt)
         else:
             off, n = self._mix_rows.get(self._step, (0, -1))
