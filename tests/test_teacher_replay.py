@@ -212,3 +212,24 @@ def test_interrupted_recording_resumes_and_records_only_what_is_missing(setup, r
     _no_teacher(monkeypatch)
     r = trainer.main(_argv(setup, 'partial-replay', *CASES['energy_kd'], '--teacher-cache', cache))
     _assert_identical(ref['replay'], r['output_dir'])
+
+
+@pytest.mark.slow
+def test_torchrun_each_rank_records_and_replays_its_own_shard(setup):
+    """Under torchrun (2 gloo processes) each rank writes and reads its own shard; the replay is the same
+    student, bitwise."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cache = str(setup['root'] / 'cache-ddp')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=repo)
+    dirs = []
+    for name in ('ddp-rec', 'ddp-replay'):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+               os.path.join(repo, 'train_energykd.py')] + _argv(setup, name, *CASES['he_da'], '--teacher-cache', cache)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=repo)
+        assert r.returncode == 0, r.stderr[-3000:]
+        dirs.append(os.path.join(setup['root'], 'out', name))
+    assert 'the teacher is not built' in r.stdout + r.stderr
+    assert sorted(os.listdir(cache)) == ['meta.json', 'rank0', 'rank1']
+    _assert_identical(*dirs)
