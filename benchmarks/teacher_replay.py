@@ -131,7 +131,8 @@ def step_times(args, device) -> Dict[str, Any]:
         for step, (xb, yb) in enumerate(loader):
             xb, yb = xb.to(device), yb.to(device)
             replay.set_step(0, step)
-            for kind in ('live', 'replayed', 'student_only'):
+            kinds = ('live', 'replayed', 'student_only')
+            for kind in kinds[step % 3:] + kinds[:step % 3]:  # rotated: no kind always follows the teacher
                 _sync(device)
                 t0 = time.perf_counter()
                 if kind == 'student_only':
@@ -175,11 +176,17 @@ def _quiet_main(argv):
 
 def sweep(args, device) -> Dict[str, Any]:
     import timm
-    from timm_energykd.demo import make_demo_imagefolder
+    import numpy as np
+    from timm_energykd.demo import write_image_folder
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = make_demo_imagefolder(tmp / 'data', train_per_class=args.sweep_images, val_per_class=1, size=32,
-                                     num_classes=args.num_classes)
+        data = tmp / 'data'
+        rng = np.random.default_rng(0)
+        names = [f'c{i:03d}' for i in range(args.num_classes)]
+        for split, per_class in (('train', args.sweep_images), ('validation', 1)):
+            y = np.repeat(np.arange(args.num_classes), per_class)
+            x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)  # random images: timing only
+            write_image_folder(data / split, x, y, names)
         torch.manual_seed(0)
         ckpt = tmp / 'teacher.pth.tar'
         torch.save({'state_dict': timm.create_model(args.teacher, num_classes=args.num_classes).state_dict()}, ckpt)
@@ -198,8 +205,13 @@ def sweep(args, device) -> Dict[str, Any]:
                     if mode == 'store':
                         argv += ['--teacher-cache', str(tmp / f'store-s{seed}')]
                     t1 = time.perf_counter()
-                    _quiet_main(argv)
-                    runs.append({'mode': mode, 'setting': name, 'seed': seed, 'wall_s': time.perf_counter() - t1})
+                    r = _quiet_main(argv)
+                    wall = time.perf_counter() - t1
+                    with open(os.path.join(r['output_dir'], 'summary.csv')) as f:
+                        epochs = len(f.read().strip().splitlines()) - 1
+                    replayed = bool(getattr(getattr(r['task'], 'teacher_source', None), 'replay', False))
+                    runs.append({'mode': mode, 'setting': name, 'seed': seed, 'wall_s': wall,
+                                 'epochs_trained': epochs, 'replayed': replayed})
             walls[mode] = time.perf_counter() - t0
         store_bytes = sum(f.stat().st_size for f in (tmp / 'store-s0').rglob('*') if f.is_file())
     return {'wall_s': walls, 'speedup': walls['live'] / walls['store'], 'runs': runs,
@@ -218,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     print(f"# Teacher replay benchmark ({info['date_utc']}, {info['device_name']}, torch {info['torch']}, "
           f"{info['torch_threads']} threads)")
     print(f'{args.teacher} -> {args.student}, batch {args.batch_size}, {args.num_classes} classes, 32 px, '
-          f'median of {args.steps} interleaved rounds')
+          f'median of {args.steps} interleaved rounds (order rotated)')
     print(_common.markdown_table(['step', 'ms', 'x student-only'], [
         ['live Energy KD', f"{m['live'] * 1e3:.1f}", f"{st['live_over_student_only']:.2f}"],
         ['replayed Energy KD', f"{m['replayed'] * 1e3:.1f}", f"{st['replayed_over_student_only']:.2f}"],

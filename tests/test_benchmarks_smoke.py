@@ -165,5 +165,10 @@ def test_teacher_replay_tiny(tmp_path):
     assert set(res['steps']['median_s']) == {'live', 'replayed', 'student_only'}
     assert all(v > 0 for v in res['steps']['median_s'].values())
     assert set(res['sweep']['wall_s']) == {'live', 'store'}
-    assert len(res['sweep']['runs']) == 16 and res['sweep']['store_bytes_per_seed'] > 0
+    runs = res['sweep']['runs']
+    assert len(runs) == 16 and res['sweep']['store_bytes_per_seed'] > 0
+    assert all(r['epochs_trained'] == 1 for r in runs)
+    # with the store: the first run of each seed records, the other 3 replay
+    assert [r['replayed'] for r in runs if r['mode'] == 'store'] == [False, True, True, True] * 2
+    assert not any(r['replayed'] for r in runs if r['mode'] == 'live')
     assert json.loads((tmp_path / 'replay.json').read_text())['config']['tiny'] is True

@@ -233,3 +233,18 @@ def test_torchrun_each_rank_records_and_replays_its_own_shard(setup):
     assert 'the teacher is not built' in r.stdout + r.stderr
     assert sorted(os.listdir(cache)) == ['meta.json', 'rank0', 'rank1']
     _assert_identical(*dirs)
+
+
+def test_batch_thresholds_store_serves_a_dataset_calibrated_replay(setup, monkeypatch):
+    """A store recorded by a --calibration batch run (no threshold pass of its own) still keeps the
+    calibration pass: its replay is bit-identical, and a replay with --calibration dataset (student-side)
+    computes its thresholds from the store."""
+    cache = str(setup['root'] / 'cache-batch')
+    live = trainer.main(_argv(setup, 'batch-live', *CASES['energy_kd'], '--calibration', 'batch',
+                              '--teacher-cache', cache))
+    _no_teacher(monkeypatch)
+    replay = trainer.main(_argv(setup, 'batch-replay', *CASES['energy_kd'], '--calibration', 'batch',
+                                '--teacher-cache', cache))
+    _assert_identical(live['output_dir'], replay['output_dir'])
+    r = trainer.main(_argv(setup, 'batch-to-dataset', *CASES['energy_kd'], '--teacher-cache', cache))
+    assert r['thresholds'] is not None and r['thresholds'].num_samples == 16

@@ -433,6 +433,8 @@ class TeacherCacheSource:
         ran), run the pass once now so the store can recompute thresholds for other settings."""
         if self.replay or self.store.has_shard(None):
             return
+        if not hasattr(self, '_calib'):  # called without calibration(): nothing recorded yet
+            teacher_fn, loader = self.calibration(self.task, loader)
         if not self._calib:
             with torch.no_grad():
                 for batch in loader:

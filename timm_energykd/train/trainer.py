@@ -92,6 +92,10 @@ def calibration_identity(args, num_samples: int) -> Dict[str, Any]:
 def calibrate(args, task, dataset_train, train_kw, output_dir, precision, device):
     """The paper's thresholds: restored from the checkpoint, else from the cache or one teacher pass."""
     thresholds = getattr(task, 'thresholds', None)
+    source = getattr(task, 'teacher_source', None)  # --teacher-cache: records the pass, or replays it
+    if source is not None and not source.replay and (thresholds is not None or args.calibration != 'dataset'):
+        # the store keeps the pass even when this run does not calibrate, for the runs that replay it and do
+        source.finish_calibration(*source.calibration(task, build.create_calibration_loader(args, dataset_train, train_kw)))
     if thresholds is not None:
         if args.rank == 0:
             _logger.info(f'Energy thresholds restored from the checkpoint: low={thresholds.low:.4f} '
@@ -105,7 +109,6 @@ def calibrate(args, task, dataset_train, train_kw, output_dir, precision, device
         _logger.info(f'Calibrating energy thresholds: one teacher pass over {len(dataset_train)} train images '
                      f'(train transforms, no mixup), r={args.energy_rate}, T_E={args.energy_temperature}')
     loader = build.create_calibration_loader(args, dataset_train, train_kw)
-    source = getattr(task, 'teacher_source', None)  # --teacher-cache: records the pass, or replays it
     teacher_fn, loader = source.calibration(task, loader) if source is not None else (task.teacher_logits, loader)
     cal = calibrate_or_load(
         teacher_fn, loader, args.energy_rate, cache=cache,
