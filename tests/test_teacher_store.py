@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from timm_energykd.energy import energy_score
-from timm_energykd.losses import create_distill_loss
 from timm_energykd.teacher_store import (TeacherStore, compress_topk, estimate_bytes, expand_topk, row_bytes)
 
 
