@@ -102,6 +102,8 @@ def test_float32_replay_is_bit_identical_to_the_live_teacher(setup, ref, case, m
             replay = trainer.main(_argv(setup, f'{case}-replay', *CASES[case], '--teacher-cache', cache))['output_dir']
     assert os.path.isfile(os.path.join(cache, 'rank0', 'complete.json'))
     _assert_identical(live, replay)
+    if case == 'he_da':  # the mixed images' stored logits were used
+        assert all(float(row['train_he_da_frac']) > 0 for row in _summary(replay))
     if case != 'he_da':
         # without HE-DA the recording run is the plain run: the store changes no number
         plain = trainer.main(_argv(setup, f'{case}-plain', *CASES[case]))
