@@ -153,3 +153,22 @@ def test_loss_gradients_table():
     assert float(rows['dkd']) > 1  # measured past the DKD warm-up, not at its zero start
     with pytest.raises(SystemExit, match='--losses: unknown'):
         loss_gradients.main(['--losses', 'nope'])
+
+
+def test_teacher_replay_tiny(tmp_path):
+    """Issue 19's benchmark: step times (live / replayed / student-only) and the sweep with and without the store."""
+    missing = _common.core_available()
+    if missing:
+        pytest.skip(f'timm_energykd core not importable yet: {missing}')
+    bench = _load('teacher_replay')
+    res = bench.main(['--tiny', '--json', str(tmp_path / 'replay.json')])
+    assert set(res['steps']['median_s']) == {'live', 'replayed', 'student_only'}
+    assert all(v > 0 for v in res['steps']['median_s'].values())
+    assert set(res['sweep']['wall_s']) == {'live', 'store'}
+    runs = res['sweep']['runs']
+    assert len(runs) == 16 and res['sweep']['store_bytes_per_seed'] > 0
+    assert all(r['epochs_trained'] == 1 for r in runs)
+    # with the store: the first run of each seed records, the other 3 replay
+    assert [r['replayed'] for r in runs if r['mode'] == 'store'] == [False, True, True, True] * 2
+    assert not any(r['replayed'] for r in runs if r['mode'] == 'live')
+    assert json.loads((tmp_path / 'replay.json').read_text())['config']['tiny'] is True

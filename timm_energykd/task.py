@@ -183,6 +183,9 @@ class EnergyDistillationTask(LogitDistillationTask):
         self.he_da_weight = float(he_da_weight)
         self.he_da_temperature = he_da_temperature
         self.progress = 0.0
+        # where teacher outputs come from: None = the live teacher; else a callable
+        # ``source(task, input, kind) -> (logits, energy or None)`` (e.g. ``teacher_store.TeacherCacheSource``)
+        self.teacher_source = None
 
         if threshold_mode == 'running':
             self.threshold_estimator = RunningThresholds(energy_rate, running_momentum, self.num_bins)
@@ -311,6 +314,14 @@ class EnergyDistillationTask(LogitDistillationTask):
             input_kd = self.teacher.normalize_input(input, self.student_mean, self.student_std)
             return self.teacher(input_kd.detach(), return_features=False)
 
+    def _teacher(self, input: torch.Tensor, kind: str):
+        """(logits, energy or None) for ``input``: the live teacher, or ``teacher_source`` when set (``kind``:
+        ``'main'`` for the batch, ``'mix'`` for HE-DA's mixed images). A source's energy (top-k storage keeps
+        it exact) replaces the one computed from the logits."""
+        if self.teacher_source is None:
+            return self.teacher_logits(input), None
+        return self.teacher_source(self, input, kind)
+
     def _thresholds(self, energy: torch.Tensor):
         if self.threshold_estimator is not None:
             low, high, edges = self.threshold_estimator(energy)
@@ -330,11 +341,15 @@ class EnergyDistillationTask(LogitDistillationTask):
         rule = getattr(self.temperature_policy, 'rule', None) or getattr(self.thresholds, 'rule', 'paper')
         return energy < low if rule == 'authors' else energy <= low
 
-    def _energy(self, teacher_logits: torch.Tensor):
-        """(valid [B] bool, energy [B] float32); rows with non-finite logits get the energy of zero logits."""
+    def _energy(self, teacher_logits: torch.Tensor, energy: Optional[torch.Tensor] = None):
+        """(valid [B] bool, energy [B] float32); rows with non-finite logits get the energy of zero logits.
+        ``energy``: a stored exact energy that replaces the one computed from the logits."""
         valid = torch.isfinite(teacher_logits).all(dim=-1)
         clean = torch.where(valid.unsqueeze(1), teacher_logits.float(), torch.zeros((), device=teacher_logits.device))
-        return valid, energy_score(clean, self.energy_temperature)
+        computed = energy_score(clean, self.energy_temperature)
+        if energy is None:
+            return valid, computed
+        return valid, torch.where(valid, energy.float(), computed)
 
     def _distill(self, student_logits, teacher_logits, valid, target, temperature) -> torch.Tensor:
         """Distillation loss with non-finite teacher rows masked out (mean over the valid rows)."""
@@ -355,8 +370,8 @@ class EnergyDistillationTask(LogitDistillationTask):
             original batch [B, C].
         """
         b = input.shape[0]
-        t_logits = self.teacher_logits(input)
-        valid, energy = self._energy(t_logits)
+        t_logits, t_energy = self._teacher(input, 'main')
+        valid, energy = self._energy(t_logits, t_energy)
         low, high, edges, he_high = self._thresholds(energy)
         if self.uses_energy_temperature:
             temps = kd_temperature = self.temperature_policy(energy, low, high, edges)
@@ -379,8 +394,8 @@ class EnergyDistillationTask(LogitDistillationTask):
         out: Dict[str, torch.Tensor] = {}
         if mix is not None:
             if student_mixed is not None:
-                t_mix = self.teacher_logits(mix.mixed)
-                valid_mix, energy_mix = self._energy(t_mix)
+                t_mix, t_energy_mix = self._teacher(mix.mixed, 'mix')
+                valid_mix, energy_mix = self._energy(t_mix, t_energy_mix)
                 nonfinite = nonfinite + (~valid_mix).sum().float()
                 if self.he_da_temperature is not None:
                     he_temperature = self.he_da_temperature

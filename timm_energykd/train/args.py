@@ -141,6 +141,19 @@ ENERGYKD_GROUPS: Tuple[Tuple[str, Tuple[Tuple[Tuple[str, ...], Dict[str, Any]], 
                                       help="'mdistiller': min(epoch / W, 1) with the integer epoch from 1 (W = 1: full "
                                            "DKD from the first step); 'linear': a smooth ramp min(progress / W, 1) from 0")),
     )),
+    ('Teacher replay', (
+        (('--teacher-cache',), dict(type=_s, default=None, metavar='DIR',
+                                    help="teacher-output store: record the teacher's logits when DIR is absent or "
+                                         'incomplete, replay them (the teacher is never built) when complete and its '
+                                         'identity matches; another image stream or teacher is refused (docs/REPLAY.md)')),
+        (('--teacher-cache-dtype',), dict(type=_s, default='float32', choices=['float32', 'float16'],
+                                          help='storage of the recorded logits: float32 (exact replay) or float16')),
+        (('--teacher-cache-topk',), dict(type=_i, default=None, metavar='K',
+                                         help='store only the K largest logits + the exact energy (lossy tail; '
+                                              'for large class counts)')),
+        (('--teacher-cache-limit-gb',), dict(type=_f, default=None, metavar='G',
+                                             help='refuse to record a store whose estimated size exceeds G GB')),
+    )),
     ('Long-tailed data', (
         (('--imbalance-factor',), dict(type=_f, default=None, metavar='F',
                                        help='long-tailed train subset with n_min/n_max = F in (0, 1] (0.01: ratio 100)')),

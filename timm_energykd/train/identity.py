@@ -20,7 +20,7 @@ _TIMM_KEYS = ('model', 'num_classes', 'dataset', 'train_split', 'seed', 'kd_temp
               'task_loss_weight', 'smoothing', 'mixup', 'cutmix', 'bce_loss')
 # our flags that do not change the result (output, Hub, demo) or are replaced by a content hash
 _NOT_IDENTITY = {'demo', 'push_to_hub', 'hub_private', 'hub_revision', 'export_hub', 'calibration_cache',
-                 'teacher_checkpoint'}
+                 'teacher_checkpoint', 'teacher_cache', 'teacher_cache_limit_gb'}
 
 
 def sha256_file(path: Optional[str]) -> Optional[str]:

@@ -85,6 +85,9 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
         data_time_m.update(accum * (time.time() - data_start))
         if distilling:
             task.set_progress(epoch + batch_idx / num_batches)  # fractional epochs (DKD warm-up)
+        source = getattr(task, 'teacher_source', None)
+        if source is not None:  # --teacher-cache: this step's sample indices and HE-DA generators
+            source.set_step(epoch, batch_idx)
 
         sync_ctx = task.no_sync() if (args.distributed and not need_update) else nullcontext()
         with sync_ctx:

@@ -32,6 +32,7 @@ from ..energy_report import energy_bin_report, write_energy_bin_report
 from ..files import DiskWriteError, write_atomic
 from ..plots import plot_training_curves
 from ..replay import EpochSeededDataset, seed_loader_epoch
+from ..teacher_store import StoredTeacher, setup_teacher_cache
 from . import build
 from .args import parse_args
 from .checkpoint import AtomicCheckpointSaver, resume_checkpoint, trim_summary
@@ -94,6 +95,10 @@ def calibration_identity(args, num_samples: int) -> Dict[str, Any]:
 def calibrate(args, task, dataset_train, train_kw, output_dir, precision, device):
     """The paper's thresholds: restored from the checkpoint, else from the cache or one teacher pass."""
     thresholds = getattr(task, 'thresholds', None)
+    source = getattr(task, 'teacher_source', None)  # --teacher-cache: records the pass, or replays it
+    if source is not None and not source.replay and (thresholds is not None or args.calibration != 'dataset'):
+        # the store keeps the pass even when this run does not calibrate, for the runs that replay it and do
+        source.finish_calibration(*source.calibration(task, build.create_calibration_loader(args, dataset_train, train_kw)))
     if thresholds is not None:
         if args.rank == 0:
             _logger.info(f'Energy thresholds restored from the checkpoint: low={thresholds.low:.4f} '
@@ -107,12 +112,15 @@ def calibrate(args, task, dataset_train, train_kw, output_dir, precision, device
         _logger.info(f'Calibrating energy thresholds: one teacher pass over {len(dataset_train)} train images '
                      f'(train transforms, no mixup), r={args.energy_rate}, T_E={args.energy_temperature}')
     loader = build.create_calibration_loader(args, dataset_train, train_kw)
+    teacher_fn, loader = source.calibration(task, loader) if source is not None else (task.teacher_logits, loader)
     cal = calibrate_or_load(
-        task.teacher_logits, loader, args.energy_rate, cache=cache,
+        teacher_fn, loader, args.energy_rate, cache=cache,
         identity=calibration_identity(args, len(dataset_train)), energy_temperature=args.energy_temperature,
         num_bins=int(getattr(task, 'num_bins', 10)), he_da_rate=he_rate, device=device,
         amp_dtype=precision.amp_dtype, save=args.rank == 0, progress=args.rank == 0, log_interval=args.log_interval,
         rule=args.energykd_rules, drop_last=args.energykd_rules == 'authors')
+    if source is not None:
+        source.finish_calibration(teacher_fn, loader)
     if cal.from_cache and args.rank == 0:
         _logger.info(f'Energy thresholds from cache {cache}: low={cal.thresholds.low:.4f} high={cal.thresholds.high:.4f}')
     task.set_thresholds(cal.thresholds, cal.he_da_thresholds)
@@ -180,12 +188,16 @@ def train(args, args_text: str) -> Dict[str, Any]:
     data_config = build.data_config_for(args, model)
     args._data_config = data_config
     args.run_identity = run_identity(args, dataset_train)
-    teacher = build.create_teacher(args, in_chans)
+    teacher_cache = setup_teacher_cache(args, dataset_train)  # None without --teacher-cache
+    teacher = StoredTeacher(args.num_classes) if teacher_cache is not None and teacher_cache.replay \
+        else build.create_teacher(args, in_chans)
     model = build.place_models(args, model, teacher, device, precision)
     collate_fn, mixup_fn, mixup_active = build.create_mixup(args)
     criterion = build.create_criterion(args, mixup_active).to(device)
     task = build.create_task(args, model, teacher, criterion, device)
     task.to(device)
+    if teacher_cache is not None:
+        teacher_cache.attach(task)
     if teacher is not None:
         build.check_distill_loss(args, task)
     optimizer = build.create_optimizer(args, model)
@@ -281,10 +293,14 @@ def train(args, args_text: str) -> Dict[str, Any]:
         # is created), dropout and HE-DA / mixup draws from the global RNGs (epoch 0 seeded like timm: seed + rank)
         seed_loader_epoch(loader_train, args.seed, epoch, args.rank)
         random_seed(args.seed, args.rank + args.world_size * epoch)
+        if teacher_cache is not None:
+            teacher_cache.start_epoch(epoch, loader_train, args.rank)
         train_metrics, num_updates = train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, lr_scheduler=lr_scheduler,
             amp_autocast=precision.autocast, loss_scaler=precision.loss_scaler, mixup_fn=mixup_fn,
             num_updates_start=num_updates, model_dtype=precision.model_dtype, saver=saver, output_dir=output_dir)
+        if teacher_cache is not None:
+            teacher_cache.end_epoch(epoch)
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
 
@@ -319,6 +335,8 @@ def train(args, args_text: str) -> Dict[str, Any]:
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, latest_metric)
 
+    if teacher_cache is not None:
+        teacher_cache.finish(num_epochs)
     result = dict(output_dir=output_dir, best_metric=best_metric, best_epoch=best_epoch, eval_metrics=eval_metrics,
                   thresholds=thresholds, num_epochs=num_epochs, time_s=time.time() - t0, task=task, model=model)
     if args.rank == 0:
