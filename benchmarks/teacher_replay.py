@@ -85,7 +85,8 @@ def step_times(args, device) -> Dict[str, Any]:
     import copy
     from timm_energykd.energy import EnergyThresholds
     from timm_energykd.task import EnergyDistillationTask
-    from timm_energykd.teacher_store import TeacherCacheSource, TeacherStore
+    from timm_energykd.teacher_source import TeacherCacheSource
+    from timm_energykd.teacher_store import TeacherStore
 
     student, teacher = _models(args, device)
     n_batches = args.steps + 1  # one warm-up round

@@ -184,7 +184,7 @@ class EnergyDistillationTask(LogitDistillationTask):
         self.he_da_temperature = he_da_temperature
         self.progress = 0.0
         # where teacher outputs come from: None = the live teacher; else a callable
-        # ``source(task, input, kind) -> (logits, energy or None)`` (e.g. ``teacher_store.TeacherCacheSource``)
+        # ``source(task, input, kind) -> (logits, energy or None)`` (e.g. ``teacher_source.TeacherCacheSource``)
         self.teacher_source = None
 
         if threshold_mode == 'running':

@@ -32,7 +32,8 @@ from ..energy_report import energy_bin_report, write_energy_bin_report
 from ..files import DiskWriteError, write_atomic
 from ..plots import plot_training_curves
 from ..replay import EpochSeededDataset, seed_loader_epoch
-from ..teacher_store import StoredTeacher, setup_teacher_cache
+from ..teacher_source import StoredTeacher
+from .teacher_cache import setup_teacher_cache
 from . import build
 from .args import parse_args
 from .checkpoint import AtomicCheckpointSaver, resume_checkpoint, trim_summary
