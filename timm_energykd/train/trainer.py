@@ -343,7 +343,10 @@ def train(args, args_text: str) -> Dict[str, Any]:
     if args.rank == 0:
         if best_metric is not None:
             _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
-        if teacher is not None and loader_eval is not None:  # where did distillation help? (per energy bin)
+        if isinstance(teacher, StoredTeacher) and loader_eval is not None:
+            _logger.info('No per-energy-bin report: the teacher is replayed from --teacher-cache, which holds no '
+                         'validation outputs (the recording run wrote one)')
+        elif teacher is not None and loader_eval is not None:  # where did distillation help? (per energy bin)
             # rank 0 alone: the unwrapped student, so no DDP collective runs on one rank
             rows = energy_bin_report(task.teacher_logits, unwrap_model(task.get_eval_model()), loader_eval,
                                      thresholds=thresholds,
