@@ -77,6 +77,7 @@ def test_pretrained_head_mismatch_message(monkeypatch):
     # no download: pretend timm's pretrained model has 1000 classes
     real = timm.create_model
     monkeypatch.setattr(timm, 'create_model', lambda name, pretrained=False, **kw: real(name, num_classes=1000))
+    monkeypatch.setattr('timm_energykd.teacher._check_hub_reachable', lambda name: None)  # as if cached
     with pytest.raises(ValueError, match='predicts 1000 classes but the student has 4'):
         build_teacher('test_resnet', 4, pretrained=True)
 
@@ -117,7 +118,26 @@ def test_pretrained_download_failure_is_one_clear_line(monkeypatch):
     def offline(*a, **k):
         raise OSError('We have no connection or you passed local_files_only')
     monkeypatch.setattr(teacher_mod.timm, 'create_model', offline)
+    monkeypatch.setattr(teacher_mod, '_check_hub_reachable', lambda name: None)  # the Hub answers, the load fails
     with pytest.raises(ValueError, match=r"--teacher-pretrained: could not load timm's pretrained weights for "
                                          r"'resnet10t' .*--no-teacher-pretrained") as e:
         teacher_mod.build_teacher('resnet10t', 1000, pretrained=True)
     assert '\n' not in str(e.value)
+
+
+def test_unreachable_hub_fails_in_one_connection(monkeypatch):
+    """Offline and not cached: one refused connection, not huggingface_hub's retries (about a minute)."""
+    import socket
+    import timm_energykd.teacher as teacher_mod
+    calls = []
+
+    def refuse(addr, timeout=None):
+        calls.append(addr)
+        raise OSError('Name or service not known')
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    monkeypatch.setattr(teacher_mod.timm, 'create_model', lambda *a, **k: pytest.fail('the download was tried'))
+    with pytest.raises(ValueError, match=r"--teacher-pretrained: timm's pretrained weights for 'resnet10t' "
+                                         r"\(timm/resnet10t.*\) are not in the local Hub cache and .* is not "
+                                         r"reachable: Name or service not known; pass --teacher-checkpoint") as e:
+        teacher_mod.build_teacher('resnet10t', 1000, pretrained=True)
+    assert '\n' not in str(e.value) and len(calls) == 1

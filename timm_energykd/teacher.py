@@ -108,6 +108,37 @@ def as_distillation_teacher(
                     f'got {type(teacher).__name__}')
 
 
+def _check_hub_reachable(name: str, timeout: float = 5.0) -> None:
+    """Weights on the Hub that are not in the local cache need the Hub: find out with one connection (seconds),
+    not through huggingface_hub's retries (about a minute offline) before the same error."""
+    import socket
+    from urllib.parse import urlparse
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        return
+    repo = getattr(cfg, 'hf_hub_id', None)
+    if not repo or getattr(cfg, 'file', None):
+        return  # a URL or a local file: timm's own loader reports its errors quickly
+    from huggingface_hub import constants, try_to_load_from_cache
+    repo_id = repo.split('@')[0]
+    names = [getattr(cfg, 'hf_hub_filename', None), 'model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin']
+    if any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in names if f):
+        return
+    host = urlparse(constants.ENDPOINT).hostname or 'huggingface.co'
+    if constants.HF_HUB_OFFLINE:
+        reason = 'HF_HUB_OFFLINE is set'
+    else:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            return
+        except OSError as e:
+            reason = f'{host} is not reachable: {e}'
+    raise ValueError(f"--teacher-pretrained: timm's pretrained weights for '{name}' ({repo_id}) are not in the local "
+                     f'Hub cache and {reason}; pass --teacher-checkpoint PATH, or --no-teacher-pretrained for a random '
+                     'teacher')
+
+
 def resolve_teacher_pretrained(name: str, pretrained: Optional[bool], checkpoint: Optional[str]) -> bool:
     """``--teacher-pretrained`` left unset means: pretrained when there is no checkpoint and timm has weights for
     ``name`` (what timm's ``DistillationTeacher`` does for a model name); an explicit True / False is kept."""
@@ -178,6 +209,7 @@ def build_teacher(
             ) from None
         _logger.info(f"Teacher '{name}' ({num_classes} classes) loaded from {checkpoint}")
     elif pretrained:
+        _check_hub_reachable(name)
         try:
             model = timm.create_model(name, pretrained=True, in_chans=in_chans, **model_kwargs)  # its own head
         except (OSError, RuntimeError) as e:  # no network / Hub offline / bad download
