@@ -16,3 +16,14 @@ def random_teacher_checkpoint(path, num_classes: int = 4, seed: int = 0, nan: bo
         sd = {k: (torch.full_like(v, float('nan')) if k == 'fc.bias' else v) for k, v in sd.items()}
     torch.save({'epoch': 0, 'state_dict': sd, 'args': argparse.Namespace(model='test_resnet'), 'version': 2}, path)
     return str(path)
+
+
+def dataset_args(data_dir, **overrides):
+    """The trainer's own args for ``data_dir`` (timm's defaults and ours, batch 4), with ``overrides``: what
+    ``create_train_eval_datasets`` reads in a real run."""
+    from timm_energykd.train.args import parse_args
+    args, _ = parse_args([str(data_dir), '--batch-size', '4', '--seed', '0'])
+    args.world_size = 1
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args

@@ -12,6 +12,8 @@ from timm_energykd.data import (
 )
 from timm_energykd.demo import make_demo_imagefolder, make_shapes_dataset
 
+from helpers import dataset_args
+
 
 def _reference_counts(n_max, factor, num_classes):
     # float64 straight from n_c = n_max * factor^(c / (C - 1)), floored
@@ -41,25 +43,9 @@ def test_long_tailed_caps_at_available_and_checks_factor():
         long_tailed_counts([10, 10], 0.0)
 
 
-class _Args:
-    dataset = ''
-    train_split = 'train'
-    val_split = 'validation'
-    class_map = ''
-    dataset_download = False
-    batch_size = 4
-    seed = 0
-    imbalance_factor = None
-    imbalance_seed = 0
-
-    def __init__(self, data_dir, **kw):
-        self.data_dir = str(data_dir)
-        self.__dict__.update(kw)
-
-
 def test_imagefolder_long_tailed_train_only_and_loader_transform(tmp_path):
     root = make_demo_imagefolder(tmp_path / 'd', train_per_class=10, val_per_class=3, size=16, num_classes=4)
-    train, val = create_train_eval_datasets(_Args(root, imbalance_factor=0.2))
+    train, val = create_train_eval_datasets(dataset_args(root, imbalance_factor=0.2))
     assert isinstance(train, TransformSubset)
     assert [Counter(dataset_targets(train))[c] for c in range(4)] == _reference_counts(10, 0.2, 4)
     assert len(val) == 12  # eval set untouched
@@ -106,7 +92,7 @@ def _fake_cifar(root, name, per_class, num_classes, seed=0):  # noqa: D401
 def test_torch_cifar_long_tailed_subset(tmp_path, monkeypatch, name, num_classes):
     cls = _fake_cifar(tmp_path, name, per_class=6, num_classes=num_classes)
     monkeypatch.setattr('torchvision.datasets.cifar.check_integrity', lambda *a, **k: True)
-    args = _Args(tmp_path, dataset=f'torch/{name}', train_split='train', val_split='validation',
+    args = dataset_args(tmp_path, dataset=f'torch/{name}', train_split='train', val_split='validation',
                  imbalance_factor=0.5, imbalance_seed=0)
     train, val = create_train_eval_datasets(args)
     assert isinstance(train, TransformSubset) and len(val) == num_classes  # the test split stays balanced

@@ -23,7 +23,7 @@ from timm_energykd.demo import make_demo_imagefolder
 from timm_energykd.files import DiskWriteError, load_checkpoint_file
 from timm_energykd.train import checkpoint, trainer
 
-from helpers import random_teacher_checkpoint
+from helpers import dataset_args, random_teacher_checkpoint
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -84,23 +84,6 @@ def _no_hang(seconds=30):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-class _Args:
-    dataset = ''
-    train_split = 'train'
-    val_split = 'validation'
-    class_map = ''
-    dataset_download = False
-    batch_size = 4
-    seed = 0
-    imbalance_factor = None
-    imbalance_seed = 0
-    world_size = 1
-
-    def __init__(self, data_dir, **kw):
-        self.data_dir = str(data_dir)
-        self.__dict__.update(kw)
 
 
 # ---- class 1: one class index for every split -------------------------------------------------------------
@@ -174,7 +157,7 @@ def test_class_map_file_missing(data, tmp_path):
 def test_validation_labels_use_the_train_index(data):
     """Validation with an extra non-image file and a class folder added in another order: same index as train."""
     (data / 'validation' / 'README.txt').write_text('hi')
-    train, val = create_train_eval_datasets(_Args(data))
+    train, val = create_train_eval_datasets(dataset_args(data))
     assert val.reader.class_to_idx is train.reader.class_to_idx
     for path, target in val.reader.samples:
         assert target == train.reader.class_to_idx[Path(path).parent.name]
@@ -183,7 +166,7 @@ def test_validation_labels_use_the_train_index(data):
 def test_class_map_order_drives_both_splits(data, tmp_path):
     cmap = tmp_path / 'classes.txt'
     cmap.write_text('\n'.join(reversed(sorted(CLASSES))) + '\n')
-    train, val = create_train_eval_datasets(_Args(data, class_map=str(cmap)))
+    train, val = create_train_eval_datasets(dataset_args(data, class_map=str(cmap)))
     want = {c: i for i, c in enumerate(reversed(sorted(CLASSES)))}
     assert train.reader.class_to_idx == want and val.reader.class_to_idx == want
     assert {t for _, t in val.reader.samples} == set(want.values())
@@ -227,7 +210,7 @@ def test_symlink_loop_in_class_folder_counts_each_file_once(data, caplog):
     os.symlink('.', data / 'train' / 'circle' / 'loop')  # circle/loop/loop/... forever
     os.symlink('../..', data / 'train' / 'square' / 'up')  # back to the data root (train and validation)
     with caplog.at_level(logging.WARNING):
-        train, val = create_train_eval_datasets(_Args(data))
+        train, val = create_train_eval_datasets(dataset_args(data))
     assert len(train) == 12 and len(val) == 4  # timm's reader: 46x and a class 'loop'
     assert sorted(train.reader.class_to_idx) == sorted(CLASSES)
     assert any('2 folder symlink(s)' in r.getMessage() and 'not followed' in r.getMessage() for r in caplog.records)
@@ -237,7 +220,7 @@ def test_symlinked_class_folder_elsewhere_is_followed(data, tmp_path):
     outside = tmp_path / 'elsewhere'
     shutil.move(str(data / 'train' / 'diamond'), outside)
     os.symlink(outside, data / 'train' / 'diamond')
-    train, _ = create_train_eval_datasets(_Args(data))
+    train, _ = create_train_eval_datasets(dataset_args(data))
     assert len(train) == 12 and 'diamond' in train.reader.class_to_idx
 
 
@@ -486,7 +469,7 @@ def test_hub_export_respects_the_umask(tmp_path):
 
 def test_empty_sub_folder_inside_a_class_with_images_is_ignored(data):
     (data / 'train' / 'circle' / '.ipynb_checkpoints').mkdir()  # clutter inside a class, as timm ignores it
-    train, _ = create_train_eval_datasets(_Args(data))
+    train, _ = create_train_eval_datasets(dataset_args(data))
     assert len(train) == 12 and sorted(train.reader.class_to_idx) == sorted(CLASSES)
 
 
@@ -499,10 +482,10 @@ def test_explicit_train_split_not_found(data, tmp_path):
 def test_dataset_fingerprint_changes_when_images_change_in_place(data):
     from timm_energykd.data import TransformSubset, dataset_fingerprint
     from timm_energykd.replay import EpochSeededDataset
-    fp = dataset_fingerprint(create_train_eval_datasets(_Args(data))[0])
-    assert fp == dataset_fingerprint(create_train_eval_datasets(_Args(data))[0])  # stable
+    fp = dataset_fingerprint(create_train_eval_datasets(dataset_args(data))[0])
+    assert fp == dataset_fingerprint(create_train_eval_datasets(dataset_args(data))[0])  # stable
     moved = shutil.copytree(data, data.parent / 'moved')  # same content elsewhere: same fingerprint
-    train_moved = create_train_eval_datasets(_Args(moved))[0]
+    train_moved = create_train_eval_datasets(dataset_args(moved))[0]
     for src, dst in zip(sorted((data / 'train').rglob('*.png')), sorted((moved / 'train').rglob('*.png'))):
         shutil.copystat(src, dst)
     assert dataset_fingerprint(train_moved) == fp
@@ -510,4 +493,4 @@ def test_dataset_fingerprint_changes_when_images_change_in_place(data):
     assert dataset_fingerprint(TransformSubset(train_moved, [0, 1])) != fp
     victim = sorted((data / 'train' / 'square').glob('*.png'))[0]
     shutil.copy(sorted((data / 'train' / 'circle').glob('*.png'))[0], victim)  # replaced in place
-    assert dataset_fingerprint(create_train_eval_datasets(_Args(data))[0]) != fp
+    assert dataset_fingerprint(create_train_eval_datasets(dataset_args(data))[0]) != fp

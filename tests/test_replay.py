@@ -14,31 +14,18 @@ from timm_energykd.data import TransformSubset, create_train_eval_datasets, data
 from timm_energykd.demo import make_demo_imagefolder
 from timm_energykd.replay import EpochSeededDataset, find_epoch_seeded, sample_seed, seed_loader_epoch
 
+from helpers import dataset_args
+
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 SEED = 7
-
-
-class _Args:
-    dataset = ''
-    train_split = 'train'
-    val_split = 'validation'
-    class_map = ''
-    dataset_download = False
-    batch_size = 4
-    seed = 0
-    imbalance_factor = None
-    imbalance_seed = 0
-
-    def __init__(self, data_dir):
-        self.data_dir = str(data_dir)
 
 
 @pytest.fixture(scope='module')
 def train_set(tmp_path_factory):
     data = make_demo_imagefolder(tmp_path_factory.mktemp('replay') / 'data', train_per_class=3, val_per_class=1,
                                  size=24, num_classes=4)
-    ds, _ = create_train_eval_datasets(_Args(data))
+    ds, _ = create_train_eval_datasets(dataset_args(data))
     return ds
 
 
