@@ -23,12 +23,8 @@ from helpers import random_teacher_checkpoint
 EPOCHS = 3
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise-reproducible CPU kernels across the runs compared below
-    yield
-    torch.set_num_threads(n)
+# one torch thread (conftest): bitwise-reproducible CPU kernels across the runs compared below
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _argv(root, data, teacher, workers):
@@ -40,7 +36,7 @@ def _argv(root, data, teacher, workers):
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp('interrupt_workers')
     data = make_demo_imagefolder(root / 'data', train_per_class=4, val_per_class=2, size=32, num_classes=4)
     teacher = random_teacher_checkpoint(root / 'teacher.pth.tar', seed=0)
