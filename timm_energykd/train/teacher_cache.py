@@ -10,7 +10,6 @@ import torch.utils.data as tud
 from ..teacher import resolve_teacher_pretrained
 from ..teacher_source import TeacherCacheSource
 from ..teacher_store import TeacherStore, estimate_bytes, format_size
-from .identity import sha256_file
 
 __all__ = ['store_identity', 'check_store_args', 'setup_teacher_cache']
 
@@ -37,7 +36,7 @@ def store_identity(args, dataset_train) -> Dict[str, Any]:
     mixed images depend on it (then the threshold settings are part of it)."""
     dc = args._data_config
     out = OrderedDict((k, getattr(args, k, None)) for k in _STREAM_KEYS)
-    out['teacher_checkpoint_sha256'] = sha256_file(args.teacher_checkpoint)
+    out['teacher_checkpoint_sha256'] = args.run_identity['teacher_checkpoint_sha256']  # hashed once a run
     out['teacher_pretrained'] = bool(args.teacher_pretrained)
     out['data_fingerprint'] = args.run_identity['data_fingerprint']
     out['num_samples'] = len(dataset_train)

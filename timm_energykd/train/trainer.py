@@ -39,7 +39,7 @@ from .args import parse_args
 from .checkpoint import AtomicCheckpointSaver, resume_checkpoint, trim_summary
 from .checks import check_dataset_images, check_trainer_args, validate_args
 from .finish import export_hub
-from .identity import run_identity, sha256_file
+from .identity import run_identity
 from .outdir import claim_output_dir
 from .loop import NonFiniteError, train_one_epoch, validate
 
@@ -75,7 +75,7 @@ def calibration_identity(args, num_samples: int) -> Dict[str, Any]:
     """What the dataset thresholds depend on; a cache or checkpoint with another identity is refused."""
     return OrderedDict(
         teacher=args.teacher,
-        teacher_checkpoint_sha256=sha256_file(args.teacher_checkpoint),
+        teacher_checkpoint_sha256=args.run_identity['teacher_checkpoint_sha256'],  # hashed once a run
         teacher_pretrained=bool(args.teacher_pretrained),
         # only recorded when on, so caches written before the flag existed stay valid
         **({'teacher_prune_amount': args.teacher_prune_amount, 'teacher_blend_weight': args.teacher_blend_weight}
